@@ -1,0 +1,179 @@
+//! Building a site from its configuration, and the client API's layer stack.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{middleware, Extension, Router};
+use sitegate_model::config::{SiteConfig, StoreBackend};
+use sitegate_store::{EmbeddedStore, Store};
+use tokio::net::TcpListener;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::ServiceBuilder;
+
+use crate::auth::{self, SessionManager, Users};
+use crate::error::{ApiError, GatewayError};
+use crate::extract::BodyLimit;
+use crate::handlers::{ops, sessions, sites, tasks, AppState, Readiness};
+use crate::layers::{self, RequestContext};
+use crate::server;
+use crate::sites::SiteResolver;
+
+/// How often expired sessions are deleted.
+const SESSION_PURGE_INTERVAL: Duration = Duration::from_secs(300);
+
+/// The routes of the client API.
+fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/sessions",
+            post(sessions::login).get(sessions::get).delete(sessions::logout),
+        )
+        .route("/tasks", get(tasks::query).post(tasks::create))
+        .route("/tasks/poll", post(tasks::poll))
+        .route("/tasks/{task_id}", get(tasks::get_one).patch(tasks::patch))
+        .route("/sites", get(sites::list))
+        .route("/sites/{site}", get(sites::get))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+}
+
+/// The client API: routes wrapped in the layers every request passes, outermost first.
+pub fn client_api(state: AppState, config: &SiteConfig) -> Router {
+    let limits = &config.limits;
+    let stack = ServiceBuilder::new()
+        // 1. Operation ID, request span and access log. Outermost, so every response, even
+        //    one made by a layer below, carries `operationID` and is logged under it.
+        .layer(middleware::from_fn_with_state(
+            RequestContext {
+                site: config.site.name.to_string(),
+            },
+            layers::operation_id,
+        ))
+        // 2. Media type: rewrites JSON answers to the vendor type when asked; above the
+        //    deadline so timeouts get it too.
+        .layer(middleware::from_fn(layers::negotiate_media_type))
+        // 3. Deadline: a request not answered in time becomes an envelope error and frees
+        //    its concurrency slot.
+        .layer(middleware::from_fn_with_state(
+            Duration::from_secs(limits.request_timeout_secs),
+            layers::deadline,
+        ))
+        // 4. Concurrency limit, shared by all connections: excess requests wait here rather
+        //    than pile onto the store. Below the deadline, so waiting counts against it.
+        .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+        // 5. Authentication: resolves the session token once, before routing; handlers opt
+        //    in to requiring it with the `Caller` extractor.
+        .layer(middleware::from_fn_with_state(
+            state.sessions.clone(),
+            auth::authenticate,
+        ))
+        // 6. Body limit: read by the `JsonBody` extractor, which answers 413 in the envelope.
+        .layer(Extension(BodyLimit(limits.max_body_bytes)))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes));
+    routes().with_state(state).layer(stack)
+}
+
+/// A site ready to serve: its store is open and its listener bound.
+pub struct Application {
+    config: SiteConfig,
+    state: AppState,
+    client_listener: TcpListener,
+}
+
+impl Application {
+    /// Opens the store, loads the users and binds the client listener. The config must
+    /// already be validated and its paths resolved.
+    pub async fn build(config: SiteConfig) -> Result<Self, GatewayError> {
+        config
+            .validate()
+            .map_err(|e| GatewayError::Config(e.to_string()))?;
+        let store: Arc<dyn Store> = match config.store.backend {
+            StoreBackend::Embedded => Arc::new(EmbeddedStore::open(&config.store.path)?),
+        };
+        let users = Users::load(&config.auth.users_file)?;
+        let sessions = Arc::new(SessionManager::new(
+            store.clone(),
+            users,
+            Duration::from_secs(config.auth.session_idle_timeout_secs),
+            Duration::from_secs(config.auth.session_max_age_secs),
+        ));
+        let resolver = Arc::new(SiteResolver::new(
+            config.site.name.clone(),
+            config.site.description.clone(),
+        ));
+        let client_listener = bind(config.listen.client).await?;
+        Ok(Application {
+            state: AppState {
+                store,
+                sessions,
+                resolver,
+                readiness: Arc::new(Readiness::default()),
+            },
+            client_listener,
+            config,
+        })
+    }
+
+    /// Where the client API listens (the real port when the config said port 0).
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_listener
+            .local_addr()
+            .unwrap_or(self.config.listen.client)
+    }
+
+    /// The site's store, for in-process services such as the demo's task simulator.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.state.store.clone()
+    }
+
+    pub fn site_name(&self) -> &str {
+        self.config.site.name.as_str()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: `/readyz` turns 503, the listener
+    /// closes, and in-flight requests get up to `limits.shutdown_grace_secs` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
+        let app = client_api(self.state.clone(), &self.config);
+        let purge = tokio::spawn(purge_sessions_periodically(self.state.sessions.clone()));
+        let readiness = self.state.readiness.clone();
+        let drain_started = async move {
+            shutdown.await;
+            readiness.start_draining();
+            tracing::info!("shutting down: draining connections");
+        };
+        server::serve(
+            self.client_listener,
+            app,
+            server::ServeLimits::from(&self.config.limits),
+            drain_started,
+        )
+        .await;
+        purge.abort();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })
+}
+
+async fn purge_sessions_periodically(sessions: Arc<SessionManager>) {
+    let mut tick = tokio::time::interval(SESSION_PURGE_INTERVAL);
+    loop {
+        tick.tick().await;
+        match sessions.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "purged expired sessions"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired sessions"),
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Users, logins and sessions.
+//!
+//! A session token is 256 random bits, handed to the caller once; the store keeps only its
+//! SHA-256, looked up by that hash, so neither a database copy nor a timing side channel on
+//! the comparison reveals a usable token. Passwords are checked with argon2 on the blocking
+//! pool, a few at a time, so logins cannot starve request handling of CPU or memory.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::Response;
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sitegate_model::session::{Role, UserEntry, UsersFile};
+use sitegate_store::{now_millis, SessionRecord, Store, StoreError, TokenHash};
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+
+use crate::error::{ApiError, GatewayError};
+
+/// The header that carries the session token, as the original API names it.
+pub const AUTH_HEADER: &str = "X-VCAV-Auth";
+
+/// `last_seen` is written at most this often per session: idle expiry stays accurate to a
+/// minute and reads do not turn into writes.
+const TOUCH_INTERVAL_MS: i64 = 60_000;
+
+/// Hashes a password for a users file (argon2id, default parameters, random salt).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// The users of this site, loaded once at start.
+pub struct Users {
+    by_name: HashMap<String, UserEntry>,
+    /// Checked against when the user is unknown, so an unknown name costs the same time as a
+    /// wrong password and names cannot be probed by timing.
+    decoy_hash: String,
+}
+
+impl Users {
+    pub fn from_file(file: UsersFile) -> Result<Self, String> {
+        file.validate().map_err(|e| e.to_string())?;
+        for u in &file.users {
+            PasswordHash::new(&u.password_hash)
+                .map_err(|e| format!("user '{}': bad password_hash: {e}", u.name))?;
+        }
+        let mut decoy = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut decoy);
+        let decoy_hash = hash_password(&hex(&decoy))?;
+        Ok(Users {
+            by_name: file.users.into_iter().map(|u| (u.name.clone(), u)).collect(),
+            decoy_hash,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, GatewayError> {
+        let err = |reason: String| GatewayError::Users {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let file: UsersFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Users::from_file(file).map_err(err)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Who is calling, once their token has been checked.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user: String,
+    pub roles: Vec<Role>,
+    pub token_hash: TokenHash,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.roles.contains(&Role::Admin)
+    }
+
+    pub fn can_write_tasks(&self) -> bool {
+        self.is_admin() || self.roles.contains(&Role::Writer)
+    }
+
+    /// The owner filter for reads: admins see every task, everyone else their own.
+    pub fn visibility(&self) -> Option<&str> {
+        if self.is_admin() {
+            None
+        } else {
+            Some(&self.user)
+        }
+    }
+}
+
+/// The outcome of the auth layer, left in the request's extensions for the [`Caller`] extractor.
+#[derive(Clone)]
+enum AuthOutcome {
+    Authenticated(Caller),
+    Refused(&'static str),
+    StoreFailed(StoreError),
+}
+
+/// Logs users in and out and checks tokens.
+pub struct SessionManager {
+    store: Arc<dyn Store>,
+    users: Users,
+    idle_timeout_ms: i64,
+    max_age_ms: i64,
+    /// Bounds concurrent argon2 checks (each takes ~19 MiB and a core for tens of ms).
+    password_checks: Semaphore,
+}
+
+impl SessionManager {
+    pub fn new(store: Arc<dyn Store>, users: Users, idle: Duration, max_age: Duration) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        SessionManager {
+            store,
+            users,
+            idle_timeout_ms: idle.as_millis() as i64,
+            max_age_ms: max_age.as_millis() as i64,
+            password_checks: Semaphore::new(cores),
+        }
+    }
+
+    /// Checks a user's password; on success stores a new session and returns its token.
+    pub async fn login(&self, user: &str, password: &str) -> Result<(String, Caller), ApiError> {
+        let entry = self.users.by_name.get(user);
+        let hash = entry.map_or(self.users.decoy_hash.clone(), |u| u.password_hash.clone());
+        let password = password.to_owned();
+        let ok = {
+            let _slot = self
+                .password_checks
+                .acquire()
+                .await
+                .map_err(|_| ApiError::Internal("password check pool closed".into()))?;
+            tokio::task::spawn_blocking(move || {
+                PasswordHash::new(&hash)
+                    .map(|parsed| {
+                        Argon2::default()
+                            .verify_password(password.as_bytes(), &parsed)
+                            .is_ok()
+                    })
+                    .unwrap_or(false)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("password check failed: {e}")))?
+        };
+        let entry = match (ok, entry) {
+            (true, Some(entry)) => entry,
+            _ => return Err(ApiError::NotAuthenticated("Wrong user name or password.")),
+        };
+        let mut raw = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let now = now_millis();
+        let record = SessionRecord {
+            token_hash: token_hash(&token),
+            user: entry.name.clone(),
+            roles: entry.roles.clone(),
+            created: now,
+            last_seen: now,
+        };
+        let caller = Caller {
+            user: record.user.clone(),
+            roles: record.roles.clone(),
+            token_hash: record.token_hash,
+        };
+        self.store.create_session(record).await?;
+        Ok((token, caller))
+    }
+
+    /// Resolves a token to its caller, ending the session if it has expired.
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthOutcome> {
+        // A real token is 43 URL-safe characters; anything else cannot match and is not
+        // worth a store lookup.
+        if token.len() != 43 {
+            return Err(AuthOutcome::Refused("The session token is not valid."));
+        }
+        let hash = token_hash(token);
+        let record = match self.store.get_session(hash).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(AuthOutcome::Refused("The session has ended or never existed.")),
+            Err(e) => return Err(AuthOutcome::StoreFailed(e)),
+        };
+        if !bool::from(record.token_hash.ct_eq(&hash)) {
+            return Err(AuthOutcome::Refused("The session has ended or never existed."));
+        }
+        let now = now_millis();
+        if now - record.last_seen > self.idle_timeout_ms || now - record.created > self.max_age_ms
+        {
+            if let Err(e) = self.store.delete_session(hash).await {
+                tracing::warn!(error = %e, "could not delete an expired session");
+            }
+            return Err(AuthOutcome::Refused("The session has expired; log in again."));
+        }
+        if now - record.last_seen > TOUCH_INTERVAL_MS {
+            // Off the request path: a lost touch only shortens the session's idle window.
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.touch_session(hash, now).await {
+                    tracing::warn!(error = %e, "could not record session use");
+                }
+            });
+        }
+        Ok(Caller {
+            user: record.user,
+            roles: record.roles,
+            token_hash: hash,
+        })
+    }
+
+    pub async fn logout(&self, caller: &Caller) -> Result<(), ApiError> {
+        self.store.delete_session(caller.token_hash).await?;
+        Ok(())
+    }
+
+    /// Deletes expired sessions; run periodically so the table does not grow without bound.
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let now = now_millis();
+        self.store
+            .purge_sessions(now - self.idle_timeout_ms, now - self.max_age_ms)
+            .await
+    }
+}
+
+pub fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The auth layer: resolves the `X-VCAV-Auth` token, when there is one, before routing. Handlers
+/// that need a caller take the [`Caller`] extractor, which turns a missing or refused token
+/// into `NotAuthenticated`; the operations endpoints and login do not, so they never fail here.
+pub async fn authenticate(
+    State(sessions): State<Arc<SessionManager>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let token = req
+        .headers()
+        .get(AUTH_HEADER)
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    if let Some(token) = token {
+        let outcome = match sessions.authenticate(&token).await {
+            Ok(caller) => AuthOutcome::Authenticated(caller),
+            Err(outcome) => outcome,
+        };
+        req.extensions_mut().insert(outcome);
+    }
+    next.run(req).await
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<AuthOutcome>() {
+            Some(AuthOutcome::Authenticated(caller)) => Ok(caller.clone()),
+            Some(AuthOutcome::Refused(why)) => Err(ApiError::NotAuthenticated(why)),
+            Some(AuthOutcome::StoreFailed(e)) => Err(ApiError::Store(e.clone())),
+            None => Err(ApiError::NotAuthenticated(
+                "Log in first: POST /sessions, then send the token in the X-VCAV-Auth header.",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_verify_and_differ() {
+        let a = hash_password("pw").unwrap();
+        let b = hash_password("pw").unwrap();
+        assert_ne!(a, b, "salted");
+        let parsed = PasswordHash::new(&a).unwrap();
+        assert!(Argon2::default().verify_password(b"pw", &parsed).is_ok());
+        assert!(Argon2::default().verify_password(b"px", &parsed).is_err());
+    }
+
+    #[test]
+    fn users_file_is_validated() {
+        let good = UsersFile {
+            users: vec![UserEntry {
+                name: "alice".into(),
+                roles: vec![Role::User],
+                password_hash: hash_password("pw").unwrap(),
+            }],
+        };
+        assert!(Users::from_file(good.clone()).is_ok());
+        let mut bad = good;
+        bad.users[0].password_hash = "$argon2id$garbage".into();
+        assert!(Users::from_file(bad).is_err());
+    }
+
+    #[test]
+    fn token_hash_is_sha256() {
+        assert_eq!(
+            hex(&token_hash("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

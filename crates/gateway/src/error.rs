@@ -1,0 +1,213 @@
+//! The gateway's errors. [`ApiError`] is what a request can fail with; its `IntoResponse` is
+//! the one place that picks the status and envelope and logs the failure, once.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use sitegate_model::error::echo;
+use sitegate_model::{ErrorCode, ErrorEnvelope, ModelError};
+use sitegate_store::StoreError;
+use uuid::Uuid;
+
+/// Why a request failed, tagged by where the fault lies: the caller (4xx) or this site (5xx).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The caller sent something malformed or out of range.
+    #[error("{0}")]
+    BadInput(String),
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("no such endpoint")]
+    NoRoute,
+    #[error("this endpoint does not accept that method")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    NotAuthenticated(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("site '{0}' is not known here")]
+    SiteNotFound(String),
+    #[error("task {0} was not found")]
+    TaskNotFound(Uuid),
+    #[error("task {0} has already completed and cannot change")]
+    TaskAlreadyCompleted(Uuid),
+    /// The request did not finish within the server's deadline.
+    #[error("the request did not complete in time")]
+    Timeout,
+    /// The site is draining or its store is unreachable (`/readyz`).
+    #[error("not ready: {0}")]
+    NotReady(&'static str),
+    /// The store failed; the detail is logged, never returned.
+    #[error("store failure: {0}")]
+    Store(#[source] StoreError),
+    /// Anything else internal; the detail is logged, never returned.
+    #[error("internal failure: {0}")]
+    Internal(String),
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        ApiError::BadInput(e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TaskNotFound(id) => ApiError::TaskNotFound(id),
+            StoreError::TaskAlreadyFinal(id) => ApiError::TaskAlreadyCompleted(id),
+            StoreError::Rejected(msg) => ApiError::BadInput(msg),
+            other => ApiError::Store(other),
+        }
+    }
+}
+
+const INTERNAL_MSG: &str =
+    "The server could not complete the request. Its details are logged under this response's operationID.";
+
+impl ApiError {
+    /// Status, code, message and arguments as the caller sees them.
+    fn parts(&self) -> (StatusCode, ErrorCode, String, Vec<String>) {
+        use ApiError::*;
+        let msg = self.to_string();
+        match self {
+            BadInput(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadUserInput, msg, vec![]),
+            BodyTooLarge(n) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::BadUserInput,
+                msg,
+                vec![n.to_string()],
+            ),
+            NoRoute => (StatusCode::NOT_FOUND, ErrorCode::BadUserInput, msg, vec![]),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::BadUserInput,
+                msg,
+                vec![],
+            ),
+            NotAuthenticated(_) => (
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::NotAuthenticated,
+                msg,
+                vec![],
+            ),
+            Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg, vec![]),
+            SiteNotFound(site) => (
+                StatusCode::NOT_FOUND,
+                ErrorCode::SiteNotFound,
+                format!("Site '{}' is not known here.", echo(site)),
+                vec![echo(site)],
+            ),
+            TaskNotFound(id) => (
+                StatusCode::NOT_FOUND,
+                ErrorCode::TaskNotFound,
+                msg,
+                vec![id.to_string()],
+            ),
+            TaskAlreadyCompleted(id) => (
+                StatusCode::CONFLICT,
+                ErrorCode::TaskAlreadyCompleted,
+                msg,
+                vec![id.to_string()],
+            ),
+            NotReady(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::GeneralServerFailure,
+                msg,
+                vec![],
+            ),
+            Timeout => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::GeneralServerFailure,
+                msg,
+                vec![],
+            ),
+            Store(_) | Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::GeneralServerFailure,
+                INTERNAL_MSG.to_owned(),
+                vec![],
+            ),
+        }
+    }
+
+    /// The envelope as the caller sees it.
+    pub fn envelope(&self) -> ErrorEnvelope {
+        let (_, code, msg, args) = self.parts();
+        ErrorEnvelope::new(code, msg, args)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, msg, args) = self.parts();
+        // Logged here and nowhere else, inside the request's span so the line carries the
+        // operation ID; internal failures with their full cause chain.
+        if status.is_server_error() {
+            let cause = std::error::Error::source(&self)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            tracing::error!(code = code.as_str(), error = %self, cause, "request failed");
+        } else {
+            tracing::info!(code = code.as_str(), error = %self, "request refused");
+        }
+        let body = ErrorEnvelope::new(code, msg, args);
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// Why the gateway could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("users file {path}: {reason}")]
+    Users { path: String, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_never_leak_detail() {
+        for e in [
+            ApiError::Store(StoreError::Database("disk I/O error at /secret/path".into())),
+            ApiError::Internal("panic in module x".into()),
+        ] {
+            let env = e.envelope();
+            assert_eq!(env.code, "GeneralServerFailure");
+            assert!(!env.msg.contains("secret") && !env.msg.contains("module x"));
+            assert_eq!(env.stacktrace, "");
+        }
+    }
+
+    #[test]
+    fn store_errors_map_to_api_codes() {
+        let id = Uuid::new_v4();
+        let cases = [
+            (StoreError::TaskNotFound(id), "TaskNotFound", 404),
+            (StoreError::TaskAlreadyFinal(id), "TaskAlreadyCompleted", 409),
+            (StoreError::Rejected("x".into()), "BadUserInput", 400),
+            (StoreError::Closed, "GeneralServerFailure", 500),
+        ];
+        for (e, code, status) in cases {
+            let api = ApiError::from(e);
+            let (s, c, _, _) = api.parts();
+            assert_eq!((c.as_str(), s.as_u16()), (code, status));
+        }
+    }
+
+    #[test]
+    fn hostile_site_names_are_bounded_in_the_envelope() {
+        let env = ApiError::SiteNotFound("x".repeat(10_000)).envelope();
+        assert!(env.msg.len() < 200);
+        assert!(env.args[0].chars().count() <= 65);
+    }
+}

@@ -1,0 +1,150 @@
+//! The request-wide middleware of the client API, in the order `app::client_api` stacks them.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sitegate_model::operation::OperationId;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+
+/// The header that carries the operation ID, as the original API spells it.
+pub const OPERATION_ID_HEADER: &str = "operationID";
+
+/// The address a request came from, put in its extensions by the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// What the operation-ID layer knows about the site, for its span and access log.
+#[derive(Clone)]
+pub struct RequestContext {
+    pub site: String,
+}
+
+/// Outermost layer: gives every request an operation ID (the caller's, or a new UUID), opens
+/// the request's span carrying it, echoes it on the response, and writes one access-log line.
+///
+/// It is outermost so that every response, including errors produced by inner layers, carries
+/// the header and is logged. A malformed operation ID is refused here, and the response carries
+/// a fresh one instead: the raw value is never reflected.
+pub async fn operation_id(
+    State(ctx): State<RequestContext>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let supplied = req.headers().get(OPERATION_ID_HEADER).map(|v| {
+        v.to_str()
+            .map_err(|_| sitegate_model::ModelError::invalid("operationID must be visible ASCII"))
+            .and_then(OperationId::parse)
+    });
+    let (op, refusal) = match supplied {
+        None => (OperationId::generate(), None),
+        Some(Ok(op)) => (op, None),
+        Some(Err(e)) => (OperationId::generate(), Some(ApiError::from(e))),
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let span = tracing::info_span!(
+        "request",
+        operation_id = %op,
+        site = %ctx.site,
+        method = %method,
+        path = %path,
+    );
+    req.extensions_mut().insert(op.clone());
+    let mut response = match refusal {
+        Some(err) => span.in_scope(|| err.into_response()),
+        None => next.run(req).instrument(span.clone()).await,
+    };
+    if let Ok(value) = HeaderValue::from_str(op.as_str()) {
+        response.headers_mut().insert(OPERATION_ID_HEADER, value);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            target: "sitegate::access",
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            client = client.map(|c| c.to_string()).unwrap_or_default(),
+            "{method} {path}",
+        );
+    });
+    response
+}
+
+/// Answers JSON with the vendor media type (`application/vnd.vmware.h4-v<ver>+json`) when the
+/// caller asked for it, as the original API does; plain `application/json` otherwise.
+pub async fn negotiate_media_type(req: Request, next: Next) -> Response {
+    let vendor = req
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(vendor_media_type)
+        .and_then(|t| HeaderValue::from_str(&t).ok());
+    let mut response = next.run(req).await;
+    if let Some(vendor) = vendor {
+        let is_json = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/json"));
+        if is_json {
+            response.headers_mut().insert(CONTENT_TYPE, vendor);
+        }
+    }
+    response
+}
+
+/// The first vendor type in an `Accept` header, if any: `application/vnd.vmware.h4-v4+json`.
+pub fn vendor_media_type(accept: &str) -> Option<String> {
+    accept.split(',').find_map(|range| {
+        let media = range.split(';').next()?.trim().to_ascii_lowercase();
+        let version = media
+            .strip_prefix("application/vnd.vmware.h4-v")?
+            .strip_suffix("+json")?;
+        let valid = !version.is_empty()
+            && version.len() <= 16
+            && version.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        valid.then_some(media)
+    })
+}
+
+/// Fails a request that has not been answered within the server's deadline, so a stuck store
+/// or peer cannot hold a client (or a concurrency slot) forever.
+pub async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendor_types() {
+        let cases = [
+            ("application/json", None),
+            (
+                "application/vnd.vmware.h4-v4+json",
+                Some("application/vnd.vmware.h4-v4+json"),
+            ),
+            (
+                "text/html, application/vnd.vmware.h4-v4.1+json;q=0.9",
+                Some("application/vnd.vmware.h4-v4.1+json"),
+            ),
+            ("application/vnd.vmware.h4-v+json", None),
+            ("application/vnd.vmware.h4-vX+json", None),
+            ("*/*", None),
+        ];
+        for (accept, want) in cases {
+            assert_eq!(vendor_media_type(accept).as_deref(), want, "{accept}");
+        }
+    }
+}

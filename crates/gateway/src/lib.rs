@@ -1,0 +1,31 @@
+//! `sitegate-gateway` is the HTTP face of one site: it binds the client API listener, wraps the
+//! router in the tower layers every request passes (operation ID, media type, deadline,
+//! concurrency limit, authentication), routes to the handlers, and resolves each request's
+//! `site` to where it is answered.
+//!
+//! It is not a storage engine (that is `sitegate-store`) nor the place for wire types and input
+//! rules (that is `sitegate-model`); it turns HTTP into calls on those and their results back
+//! into HTTP, and [`error::ApiError`] is the one place where a failure becomes a status and an
+//! envelope.
+//!
+//! Modules, in the order a request meets them:
+//! - [`server`]: the accept loop (connection limit, header read timeout, graceful drain).
+//! - [`app`]: [`Application`] (build from config, run until shutdown) and the layer stack.
+//! - [`layers`]: operation ID and access log, media-type negotiation, request deadline.
+//! - [`auth`]: users, password checks, sessions and the [`auth::Caller`] extractor.
+//! - [`extract`]: body and path extractors that fail with the API's envelope.
+//! - [`handlers`]: one module per resource: sessions, tasks, sites, operations.
+//! - [`sites`]: [`sites::SiteResolver`], which decides where a `site` is answered.
+//! - [`error`]: [`error::ApiError`] and [`error::GatewayError`].
+
+pub mod app;
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod layers;
+pub mod server;
+pub mod sites;
+
+pub use app::Application;
+pub use error::{ApiError, GatewayError};

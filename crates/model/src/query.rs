@@ -1,0 +1,415 @@
+//! Query strings: the `site` parameter every task endpoint takes, and the filters, sort and
+//! paging of `GET /tasks`.
+
+use uuid::Uuid;
+
+use crate::error::echo;
+use crate::task::{parse_task_id, TaskState};
+use crate::{EpochMillis, ModelError};
+
+/// `limit` when none is given, and the most it is clamped to.
+pub const DEFAULT_LIMIT: u32 = 100;
+pub const MAX_LIMIT: u32 = 1000;
+/// The most IDs the `ids` filter may name.
+pub const MAX_IDS_FILTER: usize = 1000;
+/// Longer query strings are refused before they are parsed.
+pub const MAX_QUERY_LEN: usize = 64 * 1024;
+
+/// Splits a raw query string into decoded pairs, refusing names not in `allowed` and names
+/// given twice, so a typo (`stat=RUNNING`) is an error and not a silently ignored filter.
+pub fn parse_pairs(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ModelError> {
+    let raw = raw.unwrap_or("");
+    if raw.len() > MAX_QUERY_LEN {
+        return Err(ModelError::invalid("the query string is too long"));
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+        .map_err(|_| ModelError::invalid("the query string is not valid URL encoding"))?;
+    let mut seen: Vec<&str> = Vec::with_capacity(pairs.len());
+    for (name, _) in &pairs {
+        if !allowed.contains(&name.as_str()) {
+            return Err(ModelError::invalid(format!(
+                "unknown query parameter '{}'; known: {}",
+                echo(name),
+                allowed.join(", ")
+            )));
+        }
+        if seen.contains(&name.as_str()) {
+            return Err(ModelError::invalid(format!(
+                "query parameter '{}' is given more than once",
+                echo(name)
+            )));
+        }
+        seen.push(name);
+    }
+    Ok(pairs)
+}
+
+/// The query of an endpoint that takes only `site` (`GET /tasks/{id}`, `POST /tasks/poll`).
+pub fn parse_site_only(raw: Option<&str>) -> Result<Option<String>, ModelError> {
+    Ok(parse_pairs(raw, &["site"])?.into_iter().next().map(|(_, v)| v))
+}
+
+/// A field `GET /tasks` can sort by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortField {
+    StartTime,
+    LastUpdated,
+    EndTime,
+    Progress,
+    State,
+    User,
+    Id,
+    Type,
+    ResourceType,
+    ResourceId,
+    ResourceName,
+}
+
+impl SortField {
+    const NAMES: [(&'static str, SortField); 11] = [
+        ("startTime", SortField::StartTime),
+        ("lastUpdated", SortField::LastUpdated),
+        ("endTime", SortField::EndTime),
+        ("progress", SortField::Progress),
+        ("state", SortField::State),
+        ("user", SortField::User),
+        ("id", SortField::Id),
+        ("type", SortField::Type),
+        ("resourceType", SortField::ResourceType),
+        ("resourceId", SortField::ResourceId),
+        ("resourceName", SortField::ResourceName),
+    ];
+
+    fn parse(raw: &str) -> Result<Self, ModelError> {
+        SortField::NAMES
+            .iter()
+            .find(|(name, _)| *name == raw)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| {
+                let known: Vec<&str> = SortField::NAMES.iter().map(|(n, _)| *n).collect();
+                ModelError::invalid(format!(
+                    "cannot sort by '{}'; sortable fields: {}",
+                    echo(raw),
+                    known.join(", ")
+                ))
+            })
+    }
+}
+
+/// One sort key: a field and its direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SortKey {
+    pub field: SortField,
+    pub descending: bool,
+}
+
+/// Parses `sort`: a comma list of fields where a `-` before or after a field means descending
+/// (`-startTime` and `startTime-` are the same key).
+pub fn parse_sort(raw: &str) -> Result<Vec<SortKey>, ModelError> {
+    let mut keys = Vec::new();
+    for part in raw.split(',') {
+        let part = part.trim();
+        let (name, descending) = if let Some(n) = part.strip_prefix('-') {
+            (n, true)
+        } else if let Some(n) = part.strip_suffix('-') {
+            (n, true)
+        } else {
+            (part, false)
+        };
+        let field = SortField::parse(name)?;
+        if keys.iter().any(|k: &SortKey| k.field == field) {
+            return Err(ModelError::invalid(format!("sort names '{name}' twice")));
+        }
+        keys.push(SortKey { field, descending });
+    }
+    Ok(keys)
+}
+
+/// `GET /tasks` parsed and validated. Visibility (who may see what) is not part of it: the
+/// gateway adds the owner filter for non-admin callers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskQuery {
+    pub site: Option<String>,
+    pub ids: Vec<Uuid>,
+    pub user: Option<String>,
+    pub states: Vec<TaskState>,
+    pub workflow_type: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub resource_name: Option<String>,
+    pub start_time_before: Option<EpochMillis>,
+    pub start_time_after: Option<EpochMillis>,
+    pub end_time_before: Option<EpochMillis>,
+    pub end_time_after: Option<EpochMillis>,
+    pub sort: Vec<SortKey>,
+    pub limit: u32,
+    pub offset: u64,
+}
+
+impl Default for TaskQuery {
+    fn default() -> Self {
+        TaskQuery {
+            site: None,
+            ids: Vec::new(),
+            user: None,
+            states: Vec::new(),
+            workflow_type: None,
+            resource_type: None,
+            resource_id: None,
+            resource_name: None,
+            start_time_before: None,
+            start_time_after: None,
+            end_time_before: None,
+            end_time_after: None,
+            sort: vec![SortKey {
+                field: SortField::StartTime,
+                descending: true,
+            }],
+            limit: DEFAULT_LIMIT,
+            offset: 0,
+        }
+    }
+}
+
+const QUERY_PARAMS: [&str; 16] = [
+    "site",
+    "ids",
+    "user",
+    "state",
+    "type",
+    "resourceType",
+    "resourceId",
+    "resourceName",
+    "startTimeBefore",
+    "startTimeAfter",
+    "endTimeBefore",
+    "endTimeAfter",
+    "sort",
+    "limit",
+    "offset",
+    "operationID",
+];
+
+impl TaskQuery {
+    pub fn parse(raw: Option<&str>) -> Result<Self, ModelError> {
+        let mut q = TaskQuery::default();
+        for (name, value) in parse_pairs(raw, &QUERY_PARAMS)? {
+            match name.as_str() {
+                "site" => q.site = Some(value),
+                "ids" => q.ids = parse_ids(&value)?,
+                "user" => {
+                    crate::session::validate_user_name(&value)?;
+                    q.user = Some(value)
+                }
+                "state" => {
+                    q.states = value
+                        .split(',')
+                        .map(|s| TaskState::parse(s.trim()))
+                        .collect::<Result<_, _>>()?
+                }
+                "type" => q.workflow_type = Some(value),
+                "resourceType" => q.resource_type = Some(value),
+                "resourceId" => q.resource_id = Some(value),
+                "resourceName" => q.resource_name = Some(value),
+                "startTimeBefore" => q.start_time_before = Some(parse_time(&name, &value)?),
+                "startTimeAfter" => q.start_time_after = Some(parse_time(&name, &value)?),
+                "endTimeBefore" => q.end_time_before = Some(parse_time(&name, &value)?),
+                "endTimeAfter" => q.end_time_after = Some(parse_time(&name, &value)?),
+                "sort" => q.sort = parse_sort(&value)?,
+                "limit" => q.limit = parse_limit(&value)?,
+                "offset" => q.offset = parse_offset(&value)?,
+                // Accepted in the query too, for clients that cannot set headers; the
+                // operation-ID layer reads the header, this is only tolerated here.
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+
+    /// The query as a string again, for forwarding to a peer; `site` is left out because the
+    /// peer answers for itself.
+    pub fn to_query_string_without_site(&self) -> String {
+        let mut s = form_urlencoded_pairs(self);
+        s.retain(|(k, _)| k != "site");
+        serde_urlencoded::to_string(&s).unwrap_or_default()
+    }
+}
+
+fn form_urlencoded_pairs(q: &TaskQuery) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut push = |k: &str, v: String| out.push((k.to_owned(), v));
+    if let Some(s) = &q.site {
+        push("site", s.clone());
+    }
+    if !q.ids.is_empty() {
+        push("ids", q.ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(","));
+    }
+    if let Some(u) = &q.user {
+        push("user", u.clone());
+    }
+    if !q.states.is_empty() {
+        push("state", q.states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","));
+    }
+    for (k, v) in [
+        ("type", &q.workflow_type),
+        ("resourceType", &q.resource_type),
+        ("resourceId", &q.resource_id),
+        ("resourceName", &q.resource_name),
+    ] {
+        if let Some(v) = v {
+            push(k, v.clone());
+        }
+    }
+    for (k, v) in [
+        ("startTimeBefore", q.start_time_before),
+        ("startTimeAfter", q.start_time_after),
+        ("endTimeBefore", q.end_time_before),
+        ("endTimeAfter", q.end_time_after),
+    ] {
+        if let Some(v) = v {
+            push(k, v.to_string());
+        }
+    }
+    let sort: Vec<String> = q
+        .sort
+        .iter()
+        .map(|k| {
+            let name = SortField::NAMES
+                .iter()
+                .find(|(_, f)| *f == k.field)
+                .map(|(n, _)| *n)
+                .unwrap_or("startTime");
+            if k.descending {
+                format!("-{name}")
+            } else {
+                name.to_owned()
+            }
+        })
+        .collect();
+    push("sort", sort.join(","));
+    push("limit", q.limit.to_string());
+    push("offset", q.offset.to_string());
+    out
+}
+
+fn parse_ids(raw: &str) -> Result<Vec<Uuid>, ModelError> {
+    let mut ids = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if ids.len() == MAX_IDS_FILTER {
+            return Err(ModelError::invalid(format!(
+                "ids may name at most {MAX_IDS_FILTER} tasks"
+            )));
+        }
+        ids.push(parse_task_id(part)?);
+    }
+    Ok(ids)
+}
+
+fn parse_time(name: &str, raw: &str) -> Result<EpochMillis, ModelError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|t| *t >= 0)
+        .ok_or_else(|| {
+            ModelError::invalid(format!(
+                "{name} must be a time in epoch milliseconds (a non-negative integer), not '{}'",
+                echo(raw)
+            ))
+        })
+}
+
+fn parse_limit(raw: &str) -> Result<u32, ModelError> {
+    let n: u64 = raw.parse().map_err(|_| {
+        ModelError::invalid(format!(
+            "limit must be an integer from 0 to {MAX_LIMIT}, not '{}'",
+            echo(raw)
+        ))
+    })?;
+    // Larger limits are clamped rather than refused, as the original API does.
+    Ok(n.min(u64::from(MAX_LIMIT)) as u32)
+}
+
+fn parse_offset(raw: &str) -> Result<u64, ModelError> {
+    raw.parse::<u64>()
+        .ok()
+        .filter(|n| *n <= i64::MAX as u64)
+        .ok_or_else(|| {
+            ModelError::invalid(format!(
+                "offset must be a non-negative integer, not '{}'",
+                echo(raw)
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let q = TaskQuery::parse(None).unwrap();
+        assert_eq!(q.limit, 100);
+        assert_eq!(q.offset, 0);
+        assert_eq!(q.sort, vec![SortKey { field: SortField::StartTime, descending: true }]);
+    }
+
+    #[test]
+    fn good_queries() {
+        let q = TaskQuery::parse(Some(
+            "state=RUNNING,FAILED&type=sync&resourceName=vm%201&limit=5000&offset=10&sort=user,startTime-&startTimeAfter=5",
+        ))
+        .unwrap();
+        assert_eq!(q.states, vec![TaskState::Running, TaskState::Failed]);
+        assert_eq!(q.workflow_type.as_deref(), Some("sync"));
+        assert_eq!(q.resource_name.as_deref(), Some("vm 1"));
+        assert_eq!(q.limit, MAX_LIMIT, "limit is clamped");
+        assert_eq!(q.offset, 10);
+        assert_eq!(
+            q.sort,
+            vec![
+                SortKey { field: SortField::User, descending: false },
+                SortKey { field: SortField::StartTime, descending: true }
+            ]
+        );
+        assert_eq!(q.start_time_after, Some(5));
+    }
+
+    #[test]
+    fn bad_queries() {
+        for raw in [
+            "limit=-1",
+            "limit=abc",
+            "limit=99999999999999999999999",
+            "offset=-5",
+            "offset=1.5",
+            "state=DONE",
+            "sort=bogus",
+            "sort=user,user",
+            "sort=",
+            "ids=not-a-uuid",
+            "startTimeBefore=yesterday",
+            "endTimeAfter=-3",
+            "stat=RUNNING",
+            "limit=1&limit=2",
+            "user=bad%20name",
+        ] {
+            assert!(TaskQuery::parse(Some(raw)).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn forwarding_round_trips_without_site() {
+        let q = TaskQuery::parse(Some("site=site2&state=RUNNING&limit=7&sort=-progress&ids=f61d60d2-698a-46dc-a266-88df27644956")).unwrap();
+        let s = q.to_query_string_without_site();
+        assert!(!s.contains("site="));
+        let mut back = TaskQuery::parse(Some(&s)).unwrap();
+        back.site = q.site.clone();
+        assert_eq!(back, q);
+    }
+
+    #[test]
+    fn site_only() {
+        assert_eq!(parse_site_only(Some("site=site1")).unwrap().as_deref(), Some("site1"));
+        assert_eq!(parse_site_only(None).unwrap(), None);
+        assert!(parse_site_only(Some("limit=1")).is_err());
+    }
+}

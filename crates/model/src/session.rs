@@ -1,0 +1,168 @@
+//! Logins, sessions and users.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// What a user may do. `Admin` sees every task and may filter by user; `Writer` is a site's own
+/// service that creates and updates tasks; `User` reads its own tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+    Writer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+            Role::Writer => "writer",
+        }
+    }
+}
+
+/// The longest user name accepted.
+pub const MAX_USER_NAME_LEN: usize = 64;
+
+/// User names are 1..=64 of letters, digits and `._@-`, so they are safe in logs and URLs.
+pub fn validate_user_name(name: &str) -> Result<(), ModelError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_USER_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::invalid(format!(
+            "'{}' is not a valid user name: use 1 to {MAX_USER_NAME_LEN} letters, digits and . _ @ -",
+            crate::error::echo(name)
+        )))
+    }
+}
+
+/// `POST /sessions` body.
+#[derive(Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum LoginRequest {
+    #[serde(rename_all = "camelCase")]
+    LocalUser {
+        local_user: String,
+        local_password: String,
+    },
+}
+
+impl std::fmt::Debug for LoginRequest {
+    // Passwords are never logged, not even by a stray `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoginRequest::LocalUser { local_user, .. } => f
+                .debug_struct("LocalUser")
+                .field("local_user", local_user)
+                .field("local_password", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+/// One site this session may act on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthenticatedSite {
+    pub site: String,
+}
+
+/// Session details, the body of `POST /sessions` and `GET /sessions`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDetails {
+    pub user: String,
+    pub roles: Vec<Role>,
+    pub authenticated_sites: Vec<AuthenticatedSite>,
+}
+
+/// One user in a site's users file. Only the argon2 PHC hash of the password is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub name: String,
+    pub roles: Vec<Role>,
+    pub password_hash: String,
+}
+
+/// The users file: `[[user]]` tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersFile {
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserEntry>,
+}
+
+impl UsersFile {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let mut seen = std::collections::HashSet::new();
+        for u in &self.users {
+            validate_user_name(&u.name)?;
+            if !seen.insert(u.name.as_str()) {
+                return Err(ModelError::invalid(format!("user '{}' is listed twice", u.name)));
+            }
+            if u.roles.is_empty() {
+                return Err(ModelError::invalid(format!("user '{}' has no role", u.name)));
+            }
+            if !u.password_hash.starts_with("$argon2") {
+                return Err(ModelError::invalid(format!(
+                    "user '{}' needs an argon2 password_hash (PHC string)",
+                    u.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_body() {
+        let ok: LoginRequest = serde_json::from_str(
+            r#"{"type":"localUser","localUser":"alice","localPassword":"pw"}"#,
+        )
+        .unwrap();
+        assert!(format!("{ok:?}").contains("redacted"));
+        assert!(!format!("{ok:?}").contains("pw\""));
+        for bad in [
+            r#"{"type":"ldap","localUser":"a","localPassword":"b"}"#,
+            r#"{"localUser":"a","localPassword":"b"}"#,
+            r#"{"type":"localUser","localUser":"a"}"#,
+        ] {
+            assert!(serde_json::from_str::<LoginRequest>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn session_details_shape() {
+        let d = SessionDetails {
+            user: "alice".into(),
+            roles: vec![Role::User],
+            authenticated_sites: vec![AuthenticatedSite { site: "site1".into() }],
+        };
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::json!({"user":"alice","roles":["user"],"authenticatedSites":[{"site":"site1"}]})
+        );
+    }
+
+    #[test]
+    fn user_names() {
+        for ok in ["alice", "svc-1", "a.b@c_d"] {
+            assert!(validate_user_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "ä", &"x".repeat(65)] {
+            assert!(validate_user_name(bad).is_err(), "{bad}");
+        }
+    }
+}

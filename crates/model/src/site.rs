@@ -1,0 +1,120 @@
+//! Site names and the objects of `GET /sites`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ErrorEnvelope, ModelError};
+
+/// The longest site name; names travel in URLs, certificates (DNS SANs) and log lines.
+pub const MAX_SITE_NAME_LEN: usize = 63;
+
+/// A validated site name: a DNS label (1..=63 of `a-z`, `A-Z`, `0-9`, `-`, not starting or
+/// ending with `-`), so it can be a certificate's DNS SAN and can never steer a request
+/// anywhere but to a configured site.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SiteName(String);
+
+impl SiteName {
+    pub fn parse(raw: &str) -> Result<Self, ModelError> {
+        let valid_chars = raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if raw.is_empty()
+            || raw.len() > MAX_SITE_NAME_LEN
+            || !valid_chars
+            || raw.starts_with('-')
+            || raw.ends_with('-')
+        {
+            return Err(ModelError::invalid(format!(
+                "'{}' is not a valid site name: use 1 to {MAX_SITE_NAME_LEN} letters, digits \
+                 and inner hyphens",
+                crate::error::echo(raw)
+            )));
+        }
+        Ok(SiteName(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SiteName {
+    type Error = ModelError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        SiteName::parse(&value)
+    }
+}
+
+impl From<SiteName> for String {
+    fn from(value: SiteName) -> Self {
+        value.0
+    }
+}
+
+impl std::fmt::Display for SiteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Link health as the original API reports it: `null` means healthy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteState {
+    pub incoming_comm_error: Option<ErrorEnvelope>,
+    pub outgoing_comm_error: Option<ErrorEnvelope>,
+}
+
+/// One entry of `GET /sites`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteInfo {
+    pub site: String,
+    pub description: String,
+    pub is_local: bool,
+    pub state: SiteState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_names() {
+        let cases: &[(&str, bool)] = &[
+            ("site1", true),
+            ("local", true),
+            ("eu-west-2", true),
+            ("S", true),
+            ("", false),
+            ("-a", false),
+            ("a-", false),
+            ("a.b", false),
+            ("../etc", false),
+            ("a/b", false),
+            ("a b", false),
+            ("a\0", false),
+            ("sïte", false),
+            ("127.0.0.1:80", false),
+        ];
+        for (raw, ok) in cases {
+            assert_eq!(SiteName::parse(raw).is_ok(), *ok, "{raw:?}");
+        }
+        assert!(SiteName::parse(&"a".repeat(63)).is_ok());
+        assert!(SiteName::parse(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn site_info_wire_shape() {
+        let info = SiteInfo {
+            site: "site1".into(),
+            description: String::new(),
+            is_local: true,
+            state: SiteState::default(),
+        };
+        assert_eq!(
+            serde_json::to_value(&info).unwrap(),
+            serde_json::json!({"site":"site1","description":"","isLocal":true,
+                "state":{"incomingCommError":null,"outgoingCommError":null}})
+        );
+    }
+}

@@ -1,0 +1,568 @@
+//! The embedded backend: SQLite in WAL mode.
+//!
+//! Why SQLite: the list endpoint needs filters, multi-key sorts, paging and counts over indexes,
+//! which SQL gives for free where a key-value store (redb, fjall) would need hand-built
+//! secondary indexes; WAL with `synchronous=FULL` fsyncs every commit and survives `kill -9`.
+//!
+//! Threads: one writer owns the only writing connection. It takes every write waiting in its
+//! queue, applies each inside its own savepoint (one bad write does not undo the others),
+//! commits them together with one fsync, and only then answers each caller: a write is
+//! acknowledged only once durable, and concurrent writers share fsyncs (group commit). Readers
+//! are a few threads with their own connections; WAL lets them read while the writer writes.
+//! No SQLite call ever runs on the async runtime.
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use async_trait::async_trait;
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use sitegate_model::query::TaskQuery;
+use sitegate_model::session::Role;
+use sitegate_model::task::{
+    Completion, NewTask, Task, TaskState, ValidPatch, WorkflowInfo, MAX_WARNINGS_PER_TASK,
+};
+use sitegate_model::{ErrorEnvelope, NOT_YET};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::sql::{self, TASK_COLUMNS};
+use crate::{
+    now_millis, CreateOutcome, SessionRecord, SessionStore, StoreError, TaskPage, TaskStore,
+    TokenHash,
+};
+
+/// The most writes committed together; bounds the latency one batch adds to its first write.
+const MAX_BATCH: usize = 512;
+const READER_THREADS: usize = 4;
+const DB_FILE: &str = "sitegate.db";
+
+/// Runs on the writer thread inside a savepoint; returns whether to keep its changes, and what
+/// to tell the caller once the batch's commit has succeeded or failed.
+/// When the batch's transaction could not even begin, the job gets that error instead of a
+/// connection and changes nothing.
+type WriteJob = Box<dyn FnOnce(Result<&Connection, StoreError>) -> (bool, Completion_) + Send>;
+type Completion_ = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// A handle to the embedded store; cheap to clone, all clones share the threads.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    writes: Sender<WriteJob>,
+    reads: Sender<ReadJob>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").field("path", &self.path).finish()
+    }
+}
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tasks (
+    id            TEXT PRIMARY KEY,
+    user          TEXT NOT NULL,
+    site          TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('RUNNING','SUCCEEDED','FAILED')),
+    progress      INTEGER NOT NULL CHECK (progress BETWEEN 0 AND 100),
+    start_time    INTEGER NOT NULL,
+    last_updated  INTEGER NOT NULL,
+    end_time      INTEGER NOT NULL,
+    wf_type       TEXT NOT NULL,
+    resource_type TEXT,
+    resource_id   TEXT,
+    resource_name TEXT,
+    result_type   TEXT,
+    result        TEXT,
+    error         TEXT,
+    warnings      TEXT NOT NULL DEFAULT '[]'
+) WITHOUT ROWID;
+CREATE INDEX tasks_start       ON tasks (start_time, id);
+CREATE INDEX tasks_user_start  ON tasks (user, start_time, id);
+CREATE INDEX tasks_state_start ON tasks (state, start_time);
+CREATE INDEX tasks_type_start  ON tasks (wf_type, start_time);
+CREATE INDEX tasks_resource    ON tasks (resource_type, resource_id);
+CREATE INDEX tasks_res_name    ON tasks (resource_name);
+CREATE INDEX tasks_end         ON tasks (end_time);
+CREATE INDEX tasks_updated     ON tasks (last_updated);
+-- The store's central invariant, kept by the database itself as well as by the code.
+CREATE TRIGGER tasks_final_is_final BEFORE UPDATE ON tasks
+    WHEN OLD.state <> 'RUNNING'
+    BEGIN SELECT RAISE(ABORT, 'task is in a final state'); END;
+
+CREATE TABLE sessions (
+    token_hash BLOB PRIMARY KEY,
+    user       TEXT NOT NULL,
+    roles      TEXT NOT NULL,
+    created    INTEGER NOT NULL,
+    last_seen  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX sessions_last_seen ON sessions (last_seen);
+"#];
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    // FULL makes every WAL commit fsync, which is what "acknowledged means durable" needs.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA busy_timeout = 5000;
+         PRAGMA foreign_keys = ON;",
+    )?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Database(format!(
+            "the database has schema version {version}, newer than this sitegate knows ({known})"
+        )));
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(migration)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in directory `dir` and starts its threads.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Database(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        let path = dir.join(DB_FILE);
+        let mut writer = open_connection(&path)?;
+        migrate(&mut writer)?;
+
+        let (write_tx, write_rx) = crossbeam_channel::unbounded::<WriteJob>();
+        thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(writer, write_rx))
+            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+
+        let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
+        for i in 0..READER_THREADS {
+            let conn = open_connection(&path)?;
+            let rx = read_rx.clone();
+            thread::Builder::new()
+                .name(format!("store-reader-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job(&conn);
+                    }
+                })
+                .map_err(|e| StoreError::Database(format!("cannot start a reader thread: {e}")))?;
+        }
+        Ok(EmbeddedStore {
+            writes: write_tx,
+            reads: read_tx,
+            path,
+        })
+    }
+
+    /// Runs `f` on the writer thread inside the next group commit; answers once it is durable.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = conn.and_then(f);
+            let keep = result.is_ok();
+            let complete: Completion_ = Box::new(move |commit| {
+                let answer = match commit {
+                    Ok(()) => result,
+                    Err(e) => Err(e),
+                };
+                // The caller may have gone away (request cancelled); the write stands anyway.
+                let _ = tx.send(answer);
+            });
+            (keep, complete)
+        });
+        self.writes.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a reader thread.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        self.reads.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn writer_loop(conn: Connection, jobs: Receiver<WriteJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = StoreError::from(e);
+            for job in batch {
+                let (_, complete) = job(Err(e.clone()));
+                complete(Err(e.clone()));
+            }
+            continue;
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        for job in batch {
+            // A savepoint per job: a write that fails is undone alone, the batch goes on.
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let (keep, complete) = job(savepoint.map(|()| &conn).map_err(StoreError::from));
+            let end = if keep { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+            let _ = conn.execute_batch(end);
+            completions.push(complete);
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for complete in completions {
+            complete(commit.clone());
+        }
+    }
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
+    let id: String = row.get(0)?;
+    let state: String = row.get(3)?;
+    let result: Option<String> = row.get(13)?;
+    let error: Option<String> = row.get(14)?;
+    let warnings: String = row.get(15)?;
+    let bad = |what: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            Box::new(StoreError::Corrupt(what)),
+        )
+    };
+    Ok(Task {
+        id: Uuid::parse_str(&id).map_err(|_| bad(format!("task id {id}")))?,
+        user: row.get(1)?,
+        site: row.get(2)?,
+        state: TaskState::parse(&state).map_err(|_| bad(format!("state {state}")))?,
+        progress: row.get(4)?,
+        start_time: row.get(5)?,
+        last_updated: row.get(6)?,
+        end_time: row.get(7)?,
+        workflow_info: WorkflowInfo {
+            workflow_type: row.get(8)?,
+            resource_type: row.get(9)?,
+            resource_id: row.get(10)?,
+            resource_name: row.get(11)?,
+        },
+        result_type: row.get(12)?,
+        result: result.as_deref().map(parse_json).transpose()?,
+        error: error.as_deref().map(parse_json).transpose()?,
+        warnings: parse_json(&warnings)?,
+    })
+}
+
+fn select_task(conn: &Connection, id: Uuid) -> Result<Option<Task>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+    Ok(stmt
+        .query_row([id.to_string()], task_from_row)
+        .optional()?)
+}
+
+fn insert_task(conn: &Connection, t: &Task) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"
+    ))?;
+    stmt.execute(params![
+        t.id.to_string(),
+        t.user,
+        t.site,
+        t.state.as_str(),
+        t.progress,
+        t.start_time,
+        t.last_updated,
+        t.end_time,
+        t.workflow_info.workflow_type,
+        t.workflow_info.resource_type,
+        t.workflow_info.resource_id,
+        t.workflow_info.resource_name,
+        t.result_type,
+        t.result.as_ref().map(json_text).transpose()?,
+        t.error.as_ref().map(json_text).transpose()?,
+        json_text(&t.warnings)?,
+    ])?;
+    Ok(())
+}
+
+fn apply_patch(conn: &Connection, id: Uuid, patch: ValidPatch) -> Result<Task, StoreError> {
+    let mut task = select_task(conn, id)?.ok_or(StoreError::TaskNotFound(id))?;
+    if task.state.is_final() {
+        return Err(StoreError::TaskAlreadyFinal(id));
+    }
+    if task.warnings.len() + patch.warnings.len() > MAX_WARNINGS_PER_TASK {
+        return Err(StoreError::Rejected(format!(
+            "a task holds at most {MAX_WARNINGS_PER_TASK} warnings"
+        )));
+    }
+    // Clocks can step back; a task's times never do.
+    let now = now_millis().max(task.last_updated);
+    if let Some(p) = patch.progress {
+        task.progress = p;
+    }
+    task.warnings.extend(patch.warnings);
+    match patch.completion {
+        None => {}
+        Some(Completion::Succeeded {
+            result_type,
+            result,
+        }) => {
+            task.state = TaskState::Succeeded;
+            task.progress = 100;
+            task.result_type = result_type;
+            task.result = result;
+            task.end_time = now;
+        }
+        Some(Completion::Failed { error }) => {
+            task.state = TaskState::Failed;
+            task.error = Some(error);
+            task.end_time = now;
+        }
+    }
+    task.last_updated = now;
+    let mut stmt = conn.prepare_cached(
+        "UPDATE tasks SET state = ?2, progress = ?3, last_updated = ?4, end_time = ?5,
+             result_type = ?6, result = ?7, error = ?8, warnings = ?9
+         WHERE id = ?1",
+    )?;
+    stmt.execute(params![
+        id.to_string(),
+        task.state.as_str(),
+        task.progress,
+        task.last_updated,
+        task.end_time,
+        task.result_type,
+        task.result.as_ref().map(json_text).transpose()?,
+        task.error.as_ref().map(json_text::<ErrorEnvelope>).transpose()?,
+        json_text(&task.warnings)?,
+    ])?;
+    Ok(task)
+}
+
+fn roles_text(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+}
+
+fn parse_roles(text: &str) -> Vec<Role> {
+    text.split(',')
+        .filter_map(|r| match r {
+            "admin" => Some(Role::Admin),
+            "user" => Some(Role::User),
+            "writer" => Some(Role::Writer),
+            _ => None,
+        })
+        .collect()
+}
+
+#[async_trait]
+impl TaskStore for EmbeddedStore {
+    async fn create_task(&self, new: NewTask, site: &str) -> Result<CreateOutcome, StoreError> {
+        let site = site.to_owned();
+        self.write(move |conn| {
+            let id = new.id.unwrap_or_else(Uuid::new_v4);
+            if let Some(existing) = select_task(conn, id)? {
+                return if existing.user == new.user && existing.workflow_info == new.workflow_info {
+                    Ok(CreateOutcome::AlreadyExisted(existing))
+                } else {
+                    Err(StoreError::Rejected(format!(
+                        "task {id} already exists with a different user or workflowInfo"
+                    )))
+                };
+            }
+            let now = now_millis();
+            let task = Task {
+                id,
+                user: new.user,
+                site,
+                state: TaskState::Running,
+                progress: 0,
+                start_time: now,
+                last_updated: now,
+                end_time: NOT_YET,
+                result_type: None,
+                result: None,
+                error: None,
+                warnings: Vec::new(),
+                workflow_info: new.workflow_info,
+            };
+            insert_task(conn, &task)?;
+            Ok(CreateOutcome::Created(task))
+        })
+        .await
+    }
+
+    async fn get_task(&self, id: Uuid) -> Result<Option<Task>, StoreError> {
+        self.read(move |conn| select_task(conn, id)).await
+    }
+
+    async fn get_tasks(&self, ids: &[Uuid], owner: Option<&str>) -> Result<Vec<Task>, StoreError> {
+        let ids = ids.to_vec();
+        let owner = owner.map(str::to_owned);
+        self.read(move |conn| {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(t) = select_task(conn, id)? {
+                    if owner.as_deref().is_none_or(|o| o == t.user) {
+                        out.push(t);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_task(&self, id: Uuid, patch: ValidPatch) -> Result<Task, StoreError> {
+        self.write(move |conn| apply_patch(conn, id, patch)).await
+    }
+
+    async fn query_tasks(&self, query: &TaskQuery, owner: Option<&str>) -> Result<TaskPage, StoreError> {
+        let filter = sql::filter(query, owner);
+        let order = sql::order_by(query);
+        let limit = i64::from(query.limit);
+        let offset = query.offset as i64;
+        self.read(move |conn| {
+            // One read transaction, so `total` and `items` describe the same snapshot.
+            conn.execute_batch("BEGIN")?;
+            let result = (|| {
+                let total: i64 = conn
+                    .prepare_cached(&format!("SELECT COUNT(*) FROM tasks {}", filter.where_sql))?
+                    .query_row(params_from_iter(filter.params.iter()), |r| r.get(0))?;
+                let mut params = filter.params.clone();
+                params.push(rusqlite::types::Value::Integer(limit));
+                params.push(rusqlite::types::Value::Integer(offset));
+                let n = filter.params.len();
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks {} {order} LIMIT ?{} OFFSET ?{}",
+                    filter.where_sql,
+                    n + 1,
+                    n + 2
+                ))?;
+                let items = stmt
+                    .query_map(params_from_iter(params.iter()), task_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(TaskPage {
+                    items,
+                    total: total as u64,
+                })
+            })();
+            let _ = conn.execute_batch("COMMIT");
+            result
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl SessionStore for EmbeddedStore {
+    async fn create_session(&self, s: SessionRecord) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO sessions (token_hash, user, roles, created, last_seen) VALUES (?1,?2,?3,?4,?5)",
+            )?
+            .execute(params![&s.token_hash[..], s.user, roles_text(&s.roles), s.created, s.last_seen])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_session(&self, token_hash: TokenHash) -> Result<Option<SessionRecord>, StoreError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT user, roles, created, last_seen FROM sessions WHERE token_hash = ?1",
+                )?
+                .query_row([&token_hash[..]], |r| {
+                    let roles: String = r.get(1)?;
+                    Ok(SessionRecord {
+                        token_hash,
+                        user: r.get(0)?,
+                        roles: parse_roles(&roles),
+                        created: r.get(2)?,
+                        last_seen: r.get(3)?,
+                    })
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn touch_session(&self, token_hash: TokenHash, now: i64) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE sessions SET last_seen = MAX(last_seen, ?2) WHERE token_hash = ?1",
+            )?
+            .execute(params![&token_hash[..], now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_session(&self, token_hash: TokenHash) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
+                .execute([&token_hash[..]])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn purge_sessions(&self, idle_before: i64, created_before: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("DELETE FROM sessions WHERE last_seen < ?1 OR created < ?2")?
+                .execute(params![idle_before, created_before])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn count_sessions(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let n: i64 = conn.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}

@@ -1,0 +1,119 @@
+//! `sitegate-store` keeps a site's tasks and sessions. It defines the [`TaskStore`] and
+//! [`SessionStore`] traits the gateway programs against, and the embedded backend,
+//! [`EmbeddedStore`]: SQLite in WAL mode with `synchronous=FULL`, one writer thread that
+//! commits many writes with one fsync (group commit), and a small pool of reader threads.
+//!
+//! It is not an HTTP or site-aware component: it knows nothing of requests, roles, peers or
+//! status codes. The gateway decides who may see what and passes that in as plain filters
+//! (an owner name); the store enforces only data rules, chief among them that a task in a final
+//! state never changes.
+//!
+//! Modules:
+//! - [`error`]: [`StoreError`], the one error type of this crate.
+//! - [`embedded`]: the SQLite backend: schema and migrations, the writer and reader threads.
+//! - [`sql`]: building the `GET /tasks` query (filters, sort, paging) as SQL with parameters.
+
+pub mod embedded;
+pub mod error;
+pub mod sql;
+
+use async_trait::async_trait;
+use sitegate_model::query::TaskQuery;
+use sitegate_model::session::Role;
+use sitegate_model::task::{NewTask, Task, ValidPatch};
+use sitegate_model::EpochMillis;
+use uuid::Uuid;
+
+pub use embedded::EmbeddedStore;
+pub use error::StoreError;
+
+/// The SHA-256 of a session token. Only this is stored, so a copy of the database does not
+/// hold usable tokens.
+pub type TokenHash = [u8; 32];
+
+/// What `create_task` did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CreateOutcome {
+    Created(Task),
+    /// A task with that ID and the same user and workflow info existed already.
+    AlreadyExisted(Task),
+}
+
+impl CreateOutcome {
+    pub fn task(&self) -> &Task {
+        match self {
+            CreateOutcome::Created(t) | CreateOutcome::AlreadyExisted(t) => t,
+        }
+    }
+}
+
+/// One page of a task query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskPage {
+    pub items: Vec<Task>,
+    /// How many tasks match, ignoring limit and offset.
+    pub total: u64,
+}
+
+/// A logged-in session as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionRecord {
+    pub token_hash: TokenHash,
+    pub user: String,
+    pub roles: Vec<Role>,
+    /// Login time; the session ends at `created + max age`.
+    pub created: EpochMillis,
+    /// Last use, kept coarsely (the gateway touches it at most once a minute); the session
+    /// ends at `last_seen + idle timeout`.
+    pub last_seen: EpochMillis,
+}
+
+/// The tasks of one site.
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    /// Creates a RUNNING task at `site`, or returns the existing one if `new.id` names a task
+    /// with the same user and workflow info. Durable when it returns.
+    async fn create_task(&self, new: NewTask, site: &str) -> Result<CreateOutcome, StoreError>;
+
+    async fn get_task(&self, id: Uuid) -> Result<Option<Task>, StoreError>;
+
+    /// The tasks among `ids` that exist and belong to `owner` (any owner when `None`), in the
+    /// order of `ids`.
+    async fn get_tasks(&self, ids: &[Uuid], owner: Option<&str>) -> Result<Vec<Task>, StoreError>;
+
+    /// Applies a validated patch in one transaction; refuses tasks in a final state. Durable
+    /// when it returns.
+    async fn update_task(&self, id: Uuid, patch: ValidPatch) -> Result<Task, StoreError>;
+
+    /// Filters, sorts and pages in the database. `owner`, when set, restricts the answer to
+    /// that user's tasks (on top of any `user` filter in the query).
+    async fn query_tasks(&self, query: &TaskQuery, owner: Option<&str>) -> Result<TaskPage, StoreError>;
+
+    /// Succeeds when the store can serve reads and writes.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The sessions of one site, shared by all its gateway replicas.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    async fn create_session(&self, session: SessionRecord) -> Result<(), StoreError>;
+    async fn get_session(&self, token_hash: TokenHash) -> Result<Option<SessionRecord>, StoreError>;
+    async fn touch_session(&self, token_hash: TokenHash, now: EpochMillis) -> Result<(), StoreError>;
+    /// Returns whether a session was deleted.
+    async fn delete_session(&self, token_hash: TokenHash) -> Result<bool, StoreError>;
+    /// Deletes sessions idle since before `idle_before` or created before `created_before`.
+    async fn purge_sessions(&self, idle_before: EpochMillis, created_before: EpochMillis) -> Result<u64, StoreError>;
+    async fn count_sessions(&self) -> Result<u64, StoreError>;
+}
+
+/// Everything a site needs from its storage.
+pub trait Store: TaskStore + SessionStore {}
+impl<T: TaskStore + SessionStore> Store for T {}
+
+/// Now, in the API's unit.
+pub fn now_millis() -> EpochMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as EpochMillis)
+        .unwrap_or(0)
+}
