@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{middleware, Extension, Router};
 use sitegate_model::config::{SiteConfig, StoreBackend};
 use sitegate_store::{EmbeddedStore, Store};
@@ -19,8 +19,10 @@ use crate::error::{ApiError, GatewayError};
 use crate::extract::BodyLimit;
 use crate::handlers::{ops, sessions, sites, tasks, AppState, Readiness};
 use crate::layers::{self, RequestContext};
-use crate::server;
+use crate::peer::{PeerClient, PeerSet};
+use crate::server::{self, Transport};
 use crate::sites::SiteResolver;
+use crate::tls::PeerTls;
 
 /// How often expired sessions are deleted.
 const SESSION_PURGE_INTERVAL: Duration = Duration::from_secs(300);
@@ -32,6 +34,10 @@ fn routes() -> Router<AppState> {
             "/sessions",
             post(sessions::login).get(sessions::get).delete(sessions::logout),
         )
+        .route("/sessions/extend", post(sessions::extend))
+        .route("/sessions/{site}", delete(sessions::drop_extension))
+        // Answered only on the peer link; elsewhere the handler answers as an unknown route.
+        .route("/peer/sessions", post(sessions::issue_for_peer))
         .route("/tasks", get(tasks::query).post(tasks::create))
         .route("/tasks/poll", post(tasks::poll))
         .route("/tasks/{task_id}", get(tasks::get_one).patch(tasks::patch))
@@ -79,11 +85,33 @@ pub fn client_api(state: AppState, config: &SiteConfig) -> Router {
     routes().with_state(state).layer(stack)
 }
 
-/// A site ready to serve: its store is open and its listener bound.
+/// A site ready to serve: its store is open and its listeners bound.
 pub struct Application {
     config: SiteConfig,
     state: AppState,
     client_listener: TcpListener,
+    /// The peer link, when peers are configured.
+    peer_link: Option<(TcpListener, Arc<PeerClient>)>,
+}
+
+/// Sets up the peer link: certificates, peers, client. `None` when no peers are configured.
+fn build_peer_client(config: &SiteConfig) -> Result<Option<Arc<PeerClient>>, GatewayError> {
+    let (Some(tls), false) = (&config.tls, config.peers.is_empty()) else {
+        return Ok(None);
+    };
+    let peers = Arc::new(PeerSet::new(&config.peers).map_err(GatewayError::PeerLink)?);
+    let tls = PeerTls::load(
+        tls.clone(),
+        config.site.name.clone(),
+        peers.names(),
+        peers.clone(),
+    )
+    .map_err(|e| GatewayError::PeerLink(e.to_string()))?;
+    Ok(Some(Arc::new(PeerClient::new(
+        peers,
+        Arc::new(tls),
+        config.peering.clone(),
+    ))))
 }
 
 impl Application {
@@ -103,12 +131,19 @@ impl Application {
             Duration::from_secs(config.auth.session_idle_timeout_secs),
             Duration::from_secs(config.auth.session_max_age_secs),
         ));
+        let peer_client = build_peer_client(&config)?;
         let resolver = Arc::new(SiteResolver::new(
             config.site.name.clone(),
             config.site.description.clone(),
+            peer_client.clone(),
         ));
         let client_listener = bind(config.listen.client).await?;
+        let peer_link = match (peer_client, config.listen.peer) {
+            (Some(client), Some(addr)) => Some((bind(addr).await?, client)),
+            _ => None,
+        };
         Ok(Application {
+            peer_link,
             state: AppState {
                 store,
                 sessions,
@@ -127,6 +162,13 @@ impl Application {
             .unwrap_or(self.config.listen.client)
     }
 
+    /// Where the peer link listens, if there is one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_link
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
     /// The site's store, for in-process services such as the demo's task simulator.
     pub fn store(&self) -> Arc<dyn Store> {
         self.state.store.clone()
@@ -140,23 +182,87 @@ impl Application {
     /// closes, and in-flight requests get up to `limits.shutdown_grace_secs` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
         let app = client_api(self.state.clone(), &self.config);
-        let purge = tokio::spawn(purge_sessions_periodically(self.state.sessions.clone()));
+        let limits = server::ServeLimits::from(&self.config.limits);
+        let mut background = vec![tokio::spawn(purge_sessions_periodically(
+            self.state.sessions.clone(),
+        ))];
         let readiness = self.state.readiness.clone();
-        let drain_started = async move {
+        // Both listeners stop on the same signal.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let peer_server = match self.peer_link {
+            Some((listener, client)) => {
+                background.push(tokio::spawn(client.clone().probe_forever()));
+                background.push(tokio::spawn(reload_certificates(
+                    client.tls().clone(),
+                    Duration::from_secs(self.config.peering.tls_reload_interval_secs),
+                )));
+                tracing::info!(peer_link = ?listener.local_addr().ok(), "peer link listening");
+                Some(tokio::spawn(server::serve(
+                    listener,
+                    app.clone(),
+                    limits,
+                    Transport::PeerLink(client.tls().clone()),
+                    stopped(stop_rx.clone()),
+                )))
+            }
+            None => None,
+        };
+        let client_server = server::serve(
+            self.client_listener,
+            app,
+            limits,
+            Transport::Plain,
+            stopped(stop_rx),
+        );
+        let signal = async move {
             shutdown.await;
             readiness.start_draining();
             tracing::info!("shutting down: draining connections");
+            let _ = stop_tx.send(true);
         };
-        server::serve(
-            self.client_listener,
-            app,
-            server::ServeLimits::from(&self.config.limits),
-            drain_started,
-        )
-        .await;
-        purge.abort();
+        tokio::join!(client_server, signal);
+        if let Some(peer_server) = peer_server {
+            let _ = peer_server.await;
+        }
+        for task in background {
+            task.abort();
+        }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Reloads the peer link's certificates on SIGHUP and whenever their files change, so they
+/// can be rotated without a restart. A failed reload keeps the certificates in use.
+async fn reload_certificates(tls: Arc<PeerTls>, every: Duration) {
+    #[cfg(unix)]
+    let mut hangup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        #[cfg(unix)]
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        let result = if forced {
+            tls.reload().map(|()| true)
+        } else {
+            tls.reload_if_changed()
+        };
+        match result {
+            Ok(true) => tracing::info!("peer link certificates reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "peer link certificates not reloaded; keeping the old ones"),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use axum::response::Response;
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sitegate_model::session::{Role, UserEntry, UsersFile};
+use sitegate_model::session::{RemoteSession, Role, UserEntry, UsersFile};
 use sitegate_store::{now_millis, SessionRecord, Store, StoreError, TokenHash};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
@@ -88,6 +88,8 @@ pub struct Caller {
     pub user: String,
     pub roles: Vec<Role>,
     pub token_hash: TokenHash,
+    /// Sessions held at peers for this caller.
+    pub extensions: Vec<RemoteSession>,
 }
 
 impl Caller {
@@ -97,6 +99,11 @@ impl Caller {
 
     pub fn can_write_tasks(&self) -> bool {
         self.is_admin() || self.roles.contains(&Role::Writer)
+    }
+
+    /// The session held at `site`, if the session is extended there.
+    pub fn remote_session(&self, site: &str) -> Option<&RemoteSession> {
+        self.extensions.iter().find(|e| e.site == site)
     }
 
     /// The owner filter for reads: admins see every task, everyone else their own.
@@ -162,10 +169,22 @@ impl SessionManager {
             .await
             .map_err(|e| ApiError::Internal(format!("password check failed: {e}")))?
         };
-        let entry = match (ok, entry) {
-            (true, Some(entry)) => entry,
-            _ => return Err(ApiError::NotAuthenticated("Wrong user name or password.")),
-        };
+        match (ok, entry) {
+            (true, Some(entry)) => self.issue(entry).await,
+            _ => Err(ApiError::NotAuthenticated("Wrong user name or password.")),
+        }
+    }
+
+    /// A session for a user of this site without a password, for a peer this site trusts to
+    /// vouch for its users (`multisite`). Unknown users get none.
+    pub async fn issue_for_trusted_peer(&self, user: &str) -> Result<(String, Caller), ApiError> {
+        match self.users.by_name.get(user) {
+            Some(entry) => self.issue(entry).await,
+            None => Err(ApiError::NotAuthenticated("No such user at this site.")),
+        }
+    }
+
+    async fn issue(&self, entry: &UserEntry) -> Result<(String, Caller), ApiError> {
         let mut raw = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut raw);
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
@@ -176,11 +195,13 @@ impl SessionManager {
             roles: entry.roles.clone(),
             created: now,
             last_seen: now,
+            extensions: Vec::new(),
         };
         let caller = Caller {
             user: record.user.clone(),
             roles: record.roles.clone(),
             token_hash: record.token_hash,
+            extensions: Vec::new(),
         };
         self.store.create_session(record).await?;
         Ok((token, caller))
@@ -223,7 +244,25 @@ impl SessionManager {
             user: record.user,
             roles: record.roles,
             token_hash: hash,
+            extensions: record.extensions,
         })
+    }
+
+    /// Keeps `remote` in the caller's session; every replica and a restart see it.
+    pub async fn add_extension(&self, caller: &mut Caller, remote: RemoteSession) -> Result<(), ApiError> {
+        if !self.store.put_extension(caller.token_hash, remote.clone()).await? {
+            return Err(ApiError::NotAuthenticated("The session has ended."));
+        }
+        caller.extensions.retain(|e| e.site != remote.site);
+        caller.extensions.push(remote);
+        Ok(())
+    }
+
+    /// Drops the session held at `site`; returns it so it can be logged out there.
+    pub async fn remove_extension(&self, caller: &mut Caller, site: &str) -> Result<Option<RemoteSession>, ApiError> {
+        let removed = self.store.remove_extension(caller.token_hash, site).await?;
+        caller.extensions.retain(|e| e.site != site);
+        Ok(removed)
     }
 
     pub async fn logout(&self, caller: &Caller) -> Result<(), ApiError> {

@@ -8,6 +8,8 @@ use sitegate_model::{ErrorCode, ErrorEnvelope, ModelError};
 use sitegate_store::StoreError;
 use uuid::Uuid;
 
+use crate::peer::PeerError;
+
 /// Why a request failed, tagged by where the fault lies: the caller (4xx) or this site (5xx).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -30,6 +32,12 @@ pub enum ApiError {
     TaskNotFound(Uuid),
     #[error("task {0} has already completed and cannot change")]
     TaskAlreadyCompleted(Uuid),
+    /// The caller holds no usable session at the peer the request names.
+    #[error("{0}")]
+    RemoteAuth(String),
+    /// The peer link failed: unreachable, marked down, too slow, or refused in the handshake.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
     /// The request did not finish within the server's deadline.
     #[error("the request did not complete in time")]
     Timeout,
@@ -109,6 +117,18 @@ impl ApiError {
                 msg,
                 vec![id.to_string()],
             ),
+            RemoteAuth(_) => (
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::RemoteAuthenticationFailure,
+                msg,
+                vec![],
+            ),
+            Peer(e) => {
+                let code = e.code();
+                let status =
+                    StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+                (status, code, e.message(), vec![])
+            }
             NotReady(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::GeneralServerFailure,
@@ -140,9 +160,19 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, msg, args) = self.parts();
+        // A peer marked down tells the caller when to come back.
+        let retry_after = match &self {
+            ApiError::Peer(PeerError::CircuitOpen { retry_after, .. }) => {
+                Some(retry_after.as_secs().max(1))
+            }
+            ApiError::Peer(PeerError::Unreachable { .. } | PeerError::BadAnswer { .. }) => Some(1),
+            _ => None,
+        };
         // Logged here and nowhere else, inside the request's span so the line carries the
         // operation ID; internal failures with their full cause chain.
-        if status.is_server_error() {
+        if let ApiError::Peer(e) = &self {
+            tracing::warn!(code = code.as_str(), error = %e, detail = e.detail(), "peer request failed");
+        } else if status.is_server_error() {
             let cause = std::error::Error::source(&self)
                 .map(|s| s.to_string())
                 .unwrap_or_default();
@@ -151,7 +181,13 @@ impl IntoResponse for ApiError {
             tracing::info!(code = code.as_str(), error = %self, "request refused");
         }
         let body = ErrorEnvelope::new(code, msg, args);
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -167,6 +203,8 @@ pub enum GatewayError {
     },
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("peer link: {0}")]
+    PeerLink(String),
     #[error("users file {path}: {reason}")]
     Users { path: String, reason: String },
 }
@@ -201,6 +239,23 @@ mod tests {
             let api = ApiError::from(e);
             let (s, c, _, _) = api.parts();
             assert_eq!((c.as_str(), s.as_u16()), (code, status));
+        }
+    }
+
+    #[test]
+    fn peer_errors_map_to_remote_codes() {
+        let site = || "site2".to_string();
+        let cases = [
+            (PeerError::Unreachable { site: site(), detail: "refused".into() }, "RemoteSiteUnavailable", 502),
+            (PeerError::CircuitOpen { site: site(), retry_after: std::time::Duration::from_secs(3) }, "RemoteSiteUnavailable", 502),
+            (PeerError::Timeout { site: site() }, "RemoteSiteTimeout", 504),
+            (PeerError::RefusedOurCertificate { site: site(), detail: "x".into() }, "RemoteAuthenticationFailure", 401),
+            (PeerError::UntrustedPeerCertificate { site: site(), detail: "x".into() }, "RemoteAuthenticationFailure", 401),
+        ];
+        for (e, code, status) in cases {
+            let (s, c, msg, _) = ApiError::from(e).parts();
+            assert_eq!((c.as_str(), s.as_u16()), (code, status));
+            assert!(msg.contains("site2") && !msg.contains("refused:"), "{msg}");
         }
     }
 

@@ -56,6 +56,46 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskIdPath {
     }
 }
 
+/// The site a request came from over the peer link; `None` for the client API. Never fails.
+pub struct Origin(pub Option<sitegate_model::site::SiteName>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Origin {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Origin(
+            parts
+                .extensions
+                .get::<crate::layers::PeerOrigin>()
+                .map(|p| p.0.clone()),
+        ))
+    }
+}
+
+/// What a forwarded request carries along: the operation ID, the caller's `Accept`, and the
+/// deadline. Never fails.
+#[derive(Clone)]
+pub struct RequestMeta {
+    pub operation_id: Option<sitegate_model::operation::OperationId>,
+    pub accept: Option<axum::http::HeaderValue>,
+    pub deadline: Option<std::time::Instant>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(RequestMeta {
+            operation_id: parts.extensions.get().cloned(),
+            accept: parts.headers.get(axum::http::header::ACCEPT).cloned(),
+            deadline: parts
+                .extensions
+                .get::<crate::layers::Deadline>()
+                .map(|d| d.0),
+        })
+    }
+}
+
 /// A single `{site}` path segment, undecoded-safe.
 pub struct SitePath(pub String);
 

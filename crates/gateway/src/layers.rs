@@ -20,6 +20,15 @@ pub const OPERATION_ID_HEADER: &str = "operationID";
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// Set on every request that arrived over the peer link: the site whose certificate the
+/// connection presented.
+#[derive(Clone, Debug)]
+pub struct PeerOrigin(pub sitegate_model::site::SiteName);
+
+/// When the request's answer stops being useful; forwarded requests inherit it.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(pub Instant);
+
 /// What the operation-ID layer knows about the site, for its span and access log.
 #[derive(Clone)]
 pub struct RequestContext {
@@ -51,12 +60,18 @@ pub async fn operation_id(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let from_peer = req
+        .extensions()
+        .get::<PeerOrigin>()
+        .map(|p| p.0.to_string())
+        .unwrap_or_default();
     let span = tracing::info_span!(
         "request",
         operation_id = %op,
         site = %ctx.site,
         method = %method,
         path = %path,
+        from_peer,
     );
     req.extensions_mut().insert(op.clone());
     let mut response = match refusal {
@@ -115,8 +130,21 @@ pub fn vendor_media_type(accept: &str) -> Option<String> {
 }
 
 /// Fails a request that has not been answered within the server's deadline, so a stuck store
-/// or peer cannot hold a client (or a concurrency slot) forever.
-pub async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+/// or peer cannot hold a client (or a concurrency slot) forever. A request from a peer brings
+/// the time its caller has left, and gets no more than that.
+pub async fn deadline(State(limit): State<Duration>, mut req: Request, next: Next) -> Response {
+    let mut limit = limit;
+    if req.extensions().get::<PeerOrigin>().is_some() {
+        let left = req
+            .headers()
+            .get(crate::peer::DEADLINE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(ms) = left {
+            limit = limit.min(Duration::from_millis(ms));
+        }
+    }
+    req.extensions_mut().insert(Deadline(Instant::now() + limit));
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),

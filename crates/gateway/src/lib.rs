@@ -16,6 +16,8 @@
 //! - [`extract`]: body and path extractors that fail with the API's envelope.
 //! - [`handlers`]: one module per resource: sessions, tasks, sites, operations.
 //! - [`sites`]: [`sites::SiteResolver`], which decides where a `site` is answered.
+//! - [`peer`]: [`peer::PeerClient`], requests over the peer link, circuit breaker, probes.
+//! - [`tls`]: the peer link's rustls configuration, reloadable; the only rustls user.
 //! - [`error`]: [`error::ApiError`] and [`error::GatewayError`].
 
 pub mod app;
@@ -24,8 +26,10 @@ pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod layers;
+pub mod peer;
 pub mod server;
 pub mod sites;
+pub mod tls;
 
 pub use app::Application;
 pub use error::{ApiError, GatewayError};

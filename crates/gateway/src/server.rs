@@ -17,7 +17,17 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-use crate::layers::ClientAddr;
+use crate::layers::{ClientAddr, PeerOrigin};
+use crate::tls::PeerTls;
+
+/// What a listener speaks below HTTP.
+#[derive(Clone)]
+pub enum Transport {
+    /// The client API: plain TCP (TLS is terminated in front, if at all).
+    Plain,
+    /// The peer link: TLS 1.3 with a required client certificate naming a configured peer.
+    PeerLink(Arc<PeerTls>),
+}
 
 /// The largest request head accepted; larger ones get 431 from hyper.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -39,12 +49,36 @@ impl From<&LimitsConfig> for ServeLimits {
     }
 }
 
+/// The router as a hyper service that stamps each request with where it came from.
+fn service(
+    app: Router,
+    client: std::net::SocketAddr,
+    origin: Option<PeerOrigin>,
+) -> TowerToHyperService<
+    impl tower::Service<
+            hyper::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>>
+                         + Send,
+        > + Clone,
+> {
+    TowerToHyperService::new(tower::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ClientAddr(client));
+        if let Some(origin) = &origin {
+            req.extensions_mut().insert(origin.clone());
+        }
+        app.clone().oneshot(req)
+    }))
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits (at
 /// most the grace period) for open connections to finish their requests.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
+    transport: Transport,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -82,20 +116,55 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         let app = app.clone();
-        let service = TowerToHyperService::new(tower::service_fn(
-            move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(client));
-                app.clone().oneshot(req)
-            },
-        ));
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let transport = transport.clone();
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %client, "connection ended with an error");
+            match transport {
+                Transport::Plain => {
+                    let service = service(app, client, None);
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(error = %e, %client, "connection ended with an error");
+                    }
+                }
+                Transport::PeerLink(tls) => {
+                    // The handshake runs here, not in the accept loop, so a slow or hostile
+                    // client cannot hold up others.
+                    let accepted =
+                        tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream)).await;
+                    let stream = match accepted {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, %client, "peer link: TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%client, "peer link: TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let origin = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|cert| tls.identify_peer(cert));
+                    // The verifier refuses any certificate that names no peer, so this is only
+                    // reached for configured peers.
+                    let Some(origin) = origin else { return };
+                    let service = service(app, client, Some(PeerOrigin(origin)));
+                    let connection = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(error = %e, %client, "peer connection ended with an error");
+                    }
+                }
             }
             drop(slot);
         });

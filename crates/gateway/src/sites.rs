@@ -1,52 +1,83 @@
 //! Where a request's `site` is answered.
 
+use std::sync::Arc;
+
 use sitegate_model::site::{SiteInfo, SiteName, SiteState};
 
 use crate::error::ApiError;
+use crate::peer::{Peer, PeerClient};
 
 /// The decision for one request's `site`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Route {
     /// This site's own store.
     Local,
+    /// A configured peer, over the peer link.
+    Peer(Arc<Peer>),
 }
 
 /// Maps a `site` value to a [`Route`]. An unknown site is `SiteNotFound` and never falls back
-/// to the local store: a typo must not return the wrong site's tasks.
-#[derive(Debug, Clone)]
+/// to the local store: a typo must not return the wrong site's tasks. A request that arrived
+/// over the peer link is only ever answered locally (the loop guard).
 pub struct SiteResolver {
     local: SiteName,
     description: String,
+    peers: Option<Arc<PeerClient>>,
 }
 
 impl SiteResolver {
-    pub fn new(local: SiteName, description: String) -> Self {
-        SiteResolver { local, description }
+    pub fn new(local: SiteName, description: String, peers: Option<Arc<PeerClient>>) -> Self {
+        SiteResolver {
+            local,
+            description,
+            peers,
+        }
     }
 
     pub fn local_name(&self) -> &SiteName {
         &self.local
     }
 
+    pub fn peer_client(&self) -> Option<&Arc<PeerClient>> {
+        self.peers.as_ref()
+    }
+
     /// `None` or an empty value means the local site, as when the parameter is omitted.
-    pub fn resolve(&self, site: Option<&str>) -> Result<Route, ApiError> {
+    /// `from_peer` is the site a request came from over the peer link, if it did.
+    pub fn resolve(&self, site: Option<&str>, from_peer: Option<&SiteName>) -> Result<Route, ApiError> {
         match site {
             None | Some("") => Ok(Route::Local),
             Some(name) if name == self.local.as_str() => Ok(Route::Local),
-            // Valid or not, any other name is unknown: the message never depends on anything
-            // but the caller's own input.
-            Some(other) => Err(ApiError::SiteNotFound(other.to_owned())),
+            // A peer request is never forwarded again, so no request can loop between sites.
+            Some(other) if from_peer.is_some() => Err(ApiError::SiteNotFound(other.to_owned())),
+            Some(other) => self
+                .peers
+                .as_ref()
+                .and_then(|client| client.peers.get(other))
+                .map(|peer| Route::Peer(peer.clone()))
+                // Valid or not, any other name is unknown: the answer never depends on anything
+                // but the caller's own input and the configuration.
+                .ok_or_else(|| ApiError::SiteNotFound(other.to_owned())),
         }
     }
 
-    /// Every site this one knows, local first.
+    /// Every site this one knows, local first, with link health for peers.
     pub fn sites(&self) -> Vec<SiteInfo> {
-        vec![SiteInfo {
+        let mut sites = vec![SiteInfo {
             site: self.local.to_string(),
             description: self.description.clone(),
             is_local: true,
             state: SiteState::default(),
-        }]
+            link: None,
+            certificate_expiry: self
+                .peers
+                .as_ref()
+                .and_then(|c| c.tls().own_certificate_expiry()),
+        }];
+        if let Some(client) = &self.peers {
+            sites.extend(client.peers.all().iter().map(|p| p.site_info()));
+        }
+        sites
     }
 
     pub fn site(&self, name: &str) -> Result<SiteInfo, ApiError> {
@@ -63,22 +94,25 @@ mod tests {
 
     #[test]
     fn resolution_table() {
-        let r = SiteResolver::new(SiteName::parse("site1").unwrap(), String::new());
-        let cases: &[(Option<&str>, Result<Route, &str>)] = &[
-            (None, Ok(Route::Local)),
-            (Some(""), Ok(Route::Local)),
-            (Some("site1"), Ok(Route::Local)),
-            (Some("SITE1"), Err("SiteNotFound")),
-            (Some("site2"), Err("SiteNotFound")),
-            (Some("../site1"), Err("SiteNotFound")),
-            (Some("site1\0"), Err("SiteNotFound")),
+        let r = SiteResolver::new(SiteName::parse("site1").unwrap(), String::new(), None);
+        let from = SiteName::parse("site2").unwrap();
+        let cases: &[(Option<&str>, Option<&SiteName>, Result<(), &str>)] = &[
+            (None, None, Ok(())),
+            (Some(""), None, Ok(())),
+            (Some("site1"), None, Ok(())),
+            (Some("site1"), Some(&from), Ok(())),
+            (Some("site3"), Some(&from), Err("SiteNotFound")),
+            (Some("SITE1"), None, Err("SiteNotFound")),
+            (Some("site2"), None, Err("SiteNotFound")),
+            (Some("../site1"), None, Err("SiteNotFound")),
+            (Some("site1\0"), None, Err("SiteNotFound")),
         ];
-        for (input, want) in cases {
-            let got = r.resolve(*input).map_err(|e| e.envelope().code);
-            match want {
-                Ok(route) => assert_eq!(got.as_ref().ok(), Some(route), "{input:?}"),
-                Err(code) => assert_eq!(got.err().as_deref(), Some(*code), "{input:?}"),
-            }
+        for (input, origin, want) in cases {
+            let got = r
+                .resolve(*input, *origin)
+                .map(|route| assert!(matches!(route, Route::Local)))
+                .map_err(|e| e.envelope().code);
+            assert_eq!(got.map_err(|c| c.to_string()), want.map_err(str::to_string), "{input:?}");
         }
     }
 }

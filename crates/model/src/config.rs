@@ -26,9 +26,67 @@ pub struct SiteConfig {
     /// The federation CA and this site's certificate; required once peers are configured.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// How the peer link behaves: timeouts, circuit breaker, certificate reloads.
+    #[serde(default)]
+    pub peering: PeeringConfig,
     /// The sites this one is paired with.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeeringConfig {
+    /// Longest wait for a TCP connection and TLS handshake to a peer. Default: 2000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for a peer's answer (shortened by the caller's own deadline). Default: 5000.
+    #[serde(default = "default_peer_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Consecutive failures that open a peer's circuit. Default: 3.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// How long an open circuit fails requests fast before a trial. Default: 5.
+    #[serde(default = "default_open_secs")]
+    pub circuit_open_secs: u64,
+    /// How often each peer is probed (`GET /healthz` over the link). Default: 2000.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// How often certificate files are checked for changes (SIGHUP reloads at once). Default: 5.
+    #[serde(default = "default_tls_reload_secs")]
+    pub tls_reload_interval_secs: u64,
+}
+
+impl Default for PeeringConfig {
+    fn default() -> Self {
+        PeeringConfig {
+            connect_timeout_ms: default_connect_timeout_ms(),
+            request_timeout_ms: default_peer_request_timeout_ms(),
+            failure_threshold: default_failure_threshold(),
+            circuit_open_secs: default_open_secs(),
+            probe_interval_ms: default_probe_interval_ms(),
+            tls_reload_interval_secs: default_tls_reload_secs(),
+        }
+    }
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+fn default_peer_request_timeout_ms() -> u64 {
+    5000
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_open_secs() -> u64 {
+    5
+}
+fn default_probe_interval_ms() -> u64 {
+    2000
+}
+fn default_tls_reload_secs() -> u64 {
+    5
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -238,6 +296,31 @@ pub struct PeerConfig {
     pub description: String,
 }
 
+impl PeerConfig {
+    /// `host:port` of the peer link, from `url` (`https://host:port`, port required; the host
+    /// may be a name, an IPv4 address or a bracketed IPv6 address).
+    pub fn address(&self) -> Result<String, ModelError> {
+        let bad = |why: &str| {
+            ModelError::invalid(format!("peer '{}': url '{}' {why}", self.name, self.url))
+        };
+        let rest = self
+            .url
+            .strip_prefix("https://")
+            .ok_or_else(|| bad("must start with https:// (the peer link is always TLS)"))?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad("must be https://host:port with no path"));
+        }
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| bad("needs a port"))?;
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad("needs a host and a port from 1 to 65535"));
+        }
+        Ok(authority.to_owned())
+    }
+}
+
 impl SiteConfig {
     /// Checks what serde cannot: cross-field rules and sane ranges.
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -255,6 +338,16 @@ impl SiteConfig {
                 return Err(ModelError::invalid(format!("{name} must be greater than 0")));
             }
         }
+        let p = &self.peering;
+        if p.connect_timeout_ms == 0
+            || p.request_timeout_ms == 0
+            || p.failure_threshold == 0
+            || p.circuit_open_secs == 0
+            || p.probe_interval_ms == 0
+            || p.tls_reload_interval_secs == 0
+        {
+            return Err(ModelError::invalid("every [peering] value must be greater than 0"));
+        }
         if l.max_concurrent_requests == 0 || l.max_connections == 0 {
             return Err(ModelError::invalid(
                 "limits.max_concurrent_requests and limits.max_connections must be greater than 0",
@@ -269,12 +362,7 @@ impl SiteConfig {
                 )));
             }
             names.push(&p.name);
-            if !p.url.starts_with("https://") {
-                return Err(ModelError::invalid(format!(
-                    "peer '{}': url must start with https:// (the peer link is always TLS)",
-                    p.name
-                )));
-            }
+            p.address()?;
         }
         if !self.peers.is_empty() && (self.tls.is_none() || self.listen.peer.is_none()) {
             return Err(ModelError::invalid(
@@ -305,6 +393,7 @@ mod tests {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             tls: None,
+            peering: PeeringConfig::default(),
             peers: vec![],
         }
     }
@@ -312,6 +401,29 @@ mod tests {
     #[test]
     fn minimal_is_valid() {
         assert!(minimal().validate().is_ok());
+    }
+
+    #[test]
+    fn peer_addresses() {
+        let peer = |url: &str| PeerConfig {
+            name: SiteName::parse("site2").unwrap(),
+            url: url.into(),
+            trust_multisite: false,
+            description: String::new(),
+        };
+        for (url, want) in [
+            ("https://127.0.0.1:8049", Some("127.0.0.1:8049")),
+            ("https://peer.example:443/", Some("peer.example:443")),
+            ("https://[::1]:8049", Some("[::1]:8049")),
+            ("http://127.0.0.1:8049", None),
+            ("https://127.0.0.1", None),
+            ("https://127.0.0.1:0", None),
+            ("https://127.0.0.1:99999", None),
+            ("https://a:1/path", None),
+            ("https://user@a:1", None),
+        ] {
+            assert_eq!(peer(url).address().ok().as_deref(), want, "{url}");
+        }
     }
 
     #[test]

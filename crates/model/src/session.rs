@@ -68,6 +68,71 @@ impl std::fmt::Debug for LoginRequest {
     }
 }
 
+/// A session this site holds at a peer on a user's behalf (`POST /sessions/extend`). The token
+/// is the peer's; it is sent only to that peer, over the peer link.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteSession {
+    pub site: String,
+    pub user: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for RemoteSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSession")
+            .field("site", &self.site)
+            .field("user", &self.user)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `POST /sessions/extend` body.
+#[derive(Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum ExtendRequest {
+    /// Log in at the peer with that peer's credentials.
+    Credentials {
+        site: String,
+        username: String,
+        password: String,
+    },
+    /// Ask the peer for a session for the same user name; granted only if the peer trusts this
+    /// site to assert identities.
+    Multisite { site: String },
+}
+
+impl ExtendRequest {
+    pub fn site(&self) -> &str {
+        match self {
+            ExtendRequest::Credentials { site, .. } | ExtendRequest::Multisite { site } => site,
+        }
+    }
+}
+
+impl std::fmt::Debug for ExtendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExtendRequest::Credentials { site, username, .. } => f
+                .debug_struct("Credentials")
+                .field("site", site)
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            ExtendRequest::Multisite { site } => {
+                f.debug_struct("Multisite").field("site", site).finish()
+            }
+        }
+    }
+}
+
+/// The body a site sends to a peer's `POST /peer/sessions` to ask for a `multisite` session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultisiteSessionRequest {
+    pub user: String,
+}
+
 /// One site this session may act on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthenticatedSite {
@@ -154,6 +219,23 @@ mod tests {
             serde_json::to_value(&d).unwrap(),
             serde_json::json!({"user":"alice","roles":["user"],"authenticatedSites":[{"site":"site1"}]})
         );
+    }
+
+    #[test]
+    fn extend_bodies() {
+        let c: ExtendRequest = serde_json::from_str(
+            r#"{"type":"credentials","site":"site2","username":"a","password":"secret"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.site(), "site2");
+        assert!(!format!("{c:?}").contains("secret"));
+        let m: ExtendRequest =
+            serde_json::from_str(r#"{"type":"multisite","site":"site3"}"#).unwrap();
+        assert_eq!(m.site(), "site3");
+        assert!(serde_json::from_str::<ExtendRequest>(r#"{"type":"multisite"}"#).is_err());
+        assert!(serde_json::from_str::<ExtendRequest>(r#"{"type":"x","site":"a"}"#).is_err());
+        let r = RemoteSession { site: "s".into(), user: "u".into(), token: "tok123".into() };
+        assert!(!format!("{r:?}").contains("tok123"));
     }
 
     #[test]

@@ -72,6 +72,40 @@ pub struct SiteInfo {
     pub description: String,
     pub is_local: bool,
     pub state: SiteState,
+    /// What operators need to judge the link to a peer (absent for the local site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkInfo>,
+    /// When this site's own peer-link certificate expires (local site only), epoch ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_expiry: Option<i64>,
+}
+
+/// The state of the circuit breaker in front of a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CircuitState {
+    /// Requests go to the peer.
+    Closed,
+    /// Requests fail fast with RemoteSiteUnavailable until a probe or trial succeeds.
+    Open,
+    /// The open period is over; the next request or probe decides.
+    HalfOpen,
+}
+
+/// Health of the link to one peer, beside the original fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkInfo {
+    pub url: String,
+    pub circuit: CircuitState,
+    pub consecutive_failures: u32,
+    pub last_success: Option<i64>,
+    pub last_failure: Option<i64>,
+    pub round_trip_ms: Option<f64>,
+    /// When the peer's certificate (as last seen on the link) expires, epoch ms.
+    pub peer_certificate_expiry: Option<i64>,
+    /// Last time the peer reached this site over the peer link, epoch ms.
+    pub last_incoming: Option<i64>,
 }
 
 #[cfg(test)]
@@ -110,6 +144,8 @@ mod tests {
             description: String::new(),
             is_local: true,
             state: SiteState::default(),
+            link: None,
+            certificate_expiry: None,
         };
         assert_eq!(
             serde_json::to_value(&info).unwrap(),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use sitegate_model::config::{
+    PeeringConfig,
     AuthConfig, LimitsConfig, ListenConfig, LogConfig, SiteConfig, SiteSection, StoreConfig,
 };
 use sitegate_model::session::{Role, UserEntry, UsersFile};
@@ -110,6 +111,7 @@ pub fn dev_default() -> Result<SiteConfig, ConfigError> {
         limits: LimitsConfig::default(),
         log: LogConfig::default(),
         tls: None,
+        peering: PeeringConfig::default(),
         peers: vec![],
     };
     config.validate().map_err(|e| dev_err(e.to_string()))?;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use rand::Rng;
 use sitegate_model::config::{
+    PeeringConfig,
     AuthConfig, LimitsConfig, ListenConfig, LogConfig, LogFormat, PeerConfig, SiteConfig,
     SiteSection, StoreBackend, StoreConfig, TlsConfig,
 };
@@ -140,6 +141,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                 cert: format!("{name}.pem").into(),
                 key: format!("{name}.key").into(),
             }),
+            peering: PeeringConfig::default(),
             peers,
         };
         config.validate().map_err(|e| e.to_string())?;

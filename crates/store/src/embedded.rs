@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use sitegate_model::query::TaskQuery;
-use sitegate_model::session::Role;
+use sitegate_model::session::{RemoteSession, Role};
 use sitegate_model::task::{
     Completion, NewTask, Task, TaskState, ValidPatch, WorkflowInfo, MAX_WARNINGS_PER_TASK,
 };
@@ -100,7 +100,10 @@ CREATE TABLE sessions (
     last_seen  INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX sessions_last_seen ON sessions (last_seen);
-"#];
+"#,
+// Sessions held at peers on the user's behalf (a JSON array of RemoteSession).
+r#"ALTER TABLE sessions ADD COLUMN extensions TEXT NOT NULL DEFAULT '[]';"#,
+];
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -371,6 +374,27 @@ fn apply_patch(conn: &Connection, id: Uuid, patch: ValidPatch) -> Result<Task, S
     Ok(task)
 }
 
+fn select_extensions(
+    conn: &Connection,
+    token_hash: TokenHash,
+) -> Result<Option<Vec<RemoteSession>>, StoreError> {
+    let text: Option<String> = conn
+        .prepare_cached("SELECT extensions FROM sessions WHERE token_hash = ?1")?
+        .query_row([&token_hash[..]], |r| r.get(0))
+        .optional()?;
+    Ok(text.as_deref().map(parse_json).transpose()?)
+}
+
+fn update_extensions(
+    conn: &Connection,
+    token_hash: TokenHash,
+    extensions: &[RemoteSession],
+) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE sessions SET extensions = ?2 WHERE token_hash = ?1")?
+        .execute(params![&token_hash[..], json_text(&extensions)?])?;
+    Ok(())
+}
+
 fn roles_text(roles: &[Role]) -> String {
     roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
 }
@@ -498,9 +522,17 @@ impl SessionStore for EmbeddedStore {
     async fn create_session(&self, s: SessionRecord) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO sessions (token_hash, user, roles, created, last_seen) VALUES (?1,?2,?3,?4,?5)",
+                "INSERT INTO sessions (token_hash, user, roles, created, last_seen, extensions)
+                 VALUES (?1,?2,?3,?4,?5,?6)",
             )?
-            .execute(params![&s.token_hash[..], s.user, roles_text(&s.roles), s.created, s.last_seen])?;
+            .execute(params![
+                &s.token_hash[..],
+                s.user,
+                roles_text(&s.roles),
+                s.created,
+                s.last_seen,
+                json_text(&s.extensions)?
+            ])?;
             Ok(())
         })
         .await
@@ -510,16 +542,19 @@ impl SessionStore for EmbeddedStore {
         self.read(move |conn| {
             Ok(conn
                 .prepare_cached(
-                    "SELECT user, roles, created, last_seen FROM sessions WHERE token_hash = ?1",
+                    "SELECT user, roles, created, last_seen, extensions FROM sessions
+                     WHERE token_hash = ?1",
                 )?
                 .query_row([&token_hash[..]], |r| {
                     let roles: String = r.get(1)?;
+                    let extensions: String = r.get(4)?;
                     Ok(SessionRecord {
                         token_hash,
                         user: r.get(0)?,
                         roles: parse_roles(&roles),
                         created: r.get(2)?,
                         last_seen: r.get(3)?,
+                        extensions: parse_json(&extensions)?,
                     })
                 })
                 .optional()?)
@@ -534,6 +569,39 @@ impl SessionStore for EmbeddedStore {
             )?
             .execute(params![&token_hash[..], now])?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn put_extension(&self, token_hash: TokenHash, remote: RemoteSession) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            let Some(mut extensions) = select_extensions(conn, token_hash)? else {
+                return Ok(false);
+            };
+            extensions.retain(|e| e.site != remote.site);
+            extensions.push(remote);
+            update_extensions(conn, token_hash, &extensions)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn remove_extension(
+        &self,
+        token_hash: TokenHash,
+        site: &str,
+    ) -> Result<Option<RemoteSession>, StoreError> {
+        let site = site.to_owned();
+        self.write(move |conn| {
+            let Some(mut extensions) = select_extensions(conn, token_hash)? else {
+                return Ok(None);
+            };
+            let Some(pos) = extensions.iter().position(|e| e.site == site) else {
+                return Ok(None);
+            };
+            let removed = extensions.remove(pos);
+            update_extensions(conn, token_hash, &extensions)?;
+            Ok(Some(removed))
         })
         .await
     }

@@ -19,7 +19,7 @@ pub mod sql;
 
 use async_trait::async_trait;
 use sitegate_model::query::TaskQuery;
-use sitegate_model::session::Role;
+use sitegate_model::session::{RemoteSession, Role};
 use sitegate_model::task::{NewTask, Task, ValidPatch};
 use sitegate_model::EpochMillis;
 use uuid::Uuid;
@@ -66,6 +66,8 @@ pub struct SessionRecord {
     /// Last use, kept coarsely (the gateway touches it at most once a minute); the session
     /// ends at `last_seen + idle timeout`.
     pub last_seen: EpochMillis,
+    /// Sessions held at peers on this user's behalf, at most one per site.
+    pub extensions: Vec<RemoteSession>,
 }
 
 /// The tasks of one site.
@@ -99,6 +101,11 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn create_session(&self, session: SessionRecord) -> Result<(), StoreError>;
     async fn get_session(&self, token_hash: TokenHash) -> Result<Option<SessionRecord>, StoreError>;
     async fn touch_session(&self, token_hash: TokenHash, now: EpochMillis) -> Result<(), StoreError>;
+    /// Adds or replaces (per site) a remote session held by this session. Returns false when
+    /// the session no longer exists.
+    async fn put_extension(&self, token_hash: TokenHash, remote: RemoteSession) -> Result<bool, StoreError>;
+    /// Drops the remote session held for `site`; returns the one dropped, if any.
+    async fn remove_extension(&self, token_hash: TokenHash, site: &str) -> Result<Option<RemoteSession>, StoreError>;
     /// Returns whether a session was deleted.
     async fn delete_session(&self, token_hash: TokenHash) -> Result<bool, StoreError>;
     /// Deletes sessions idle since before `idle_before` or created before `created_before`.

@@ -2,6 +2,7 @@
 //! (caller, path, query, body), asks the [`crate::sites::SiteResolver`] where to answer, and
 //! calls the store; every failure is an [`crate::ApiError`].
 
+pub mod forward;
 pub mod ops;
 pub mod sessions;
 pub mod sites;

@@ -1,24 +1,43 @@
-//! `/sessions`: log in, see the session, log out.
+//! `/sessions`: log in, see the session, log out, and extend it to peers.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use sitegate_model::session::{AuthenticatedSite, LoginRequest, SessionDetails};
+use sitegate_model::session::{
+    AuthenticatedSite, ExtendRequest, LoginRequest, MultisiteSessionRequest, RemoteSession,
+    SessionDetails,
+};
 
+use super::forward::{client, forward_headers, peer_error_code};
 use super::AppState;
 use crate::auth::{Caller, AUTH_HEADER};
 use crate::error::ApiError;
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, Origin, RequestMeta, SitePath};
+use crate::peer::{Forward, Peer};
+use crate::sites::Route;
 
 fn details(state: &AppState, caller: &Caller) -> SessionDetails {
+    let mut sites = vec![AuthenticatedSite {
+        site: state.resolver.local_name().to_string(),
+    }];
+    sites.extend(caller.extensions.iter().map(|e| AuthenticatedSite {
+        site: e.site.clone(),
+    }));
     SessionDetails {
         user: caller.user.clone(),
         roles: caller.roles.clone(),
-        authenticated_sites: vec![AuthenticatedSite {
-            site: state.resolver.local_name().to_string(),
-        }],
+        authenticated_sites: sites,
     }
+}
+
+/// Session details with the token in the `X-VCAV-Auth` header.
+fn issued(state: &AppState, token: &str, caller: &Caller) -> Result<Response, ApiError> {
+    let mut response = Json(details(state, caller)).into_response();
+    let value = HeaderValue::from_str(token)
+        .map_err(|_| ApiError::Internal("token is not a valid header value".into()))?;
+    response.headers_mut().insert(AUTH_HEADER, value);
+    Ok(response)
 }
 
 /// `POST /sessions`: the token travels back in the `X-VCAV-Auth` header.
@@ -32,11 +51,7 @@ pub async fn login(
     } = body;
     let (token, caller) = state.sessions.login(&local_user, &local_password).await?;
     tracing::info!(user = %caller.user, "logged in");
-    let mut response = Json(details(&state, &caller)).into_response();
-    let value = HeaderValue::from_str(&token)
-        .map_err(|_| ApiError::Internal("token is not a valid header value".into()))?;
-    response.headers_mut().insert(AUTH_HEADER, value);
-    Ok(response)
+    issued(&state, &token, &caller)
 }
 
 /// `GET /sessions`.
@@ -44,9 +59,176 @@ pub async fn get(State(state): State<AppState>, caller: Caller) -> Json<SessionD
     Json(details(&state, &caller))
 }
 
-/// `DELETE /sessions`: the token is dead at once, for every replica sharing the store.
-pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
+/// `DELETE /sessions`: the token is dead at once, for every replica sharing the store; the
+/// sessions held at peers are logged out there too, as far as they can be reached.
+pub async fn logout(
+    State(state): State<AppState>,
+    caller: Caller,
+    meta: RequestMeta,
+) -> Result<StatusCode, ApiError> {
     state.sessions.logout(&caller).await?;
     tracing::info!(user = %caller.user, "logged out");
+    for remote in caller.extensions.clone() {
+        logout_at_peer(&state, remote, &meta);
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends a session held at a peer, in the background: the local logout never waits for a peer.
+fn logout_at_peer(state: &AppState, remote: RemoteSession, meta: &RequestMeta) {
+    let Ok(Route::Peer(peer)) = state.resolver.resolve(Some(&remote.site), None) else {
+        return;
+    };
+    let state = state.clone();
+    let meta = RequestMeta {
+        deadline: None,
+        ..meta.clone()
+    };
+    tokio::spawn(async move {
+        let Ok(client) = client(&state) else { return };
+        let request = Forward {
+            method: Method::DELETE,
+            path_and_query: "/sessions".into(),
+            headers: forward_headers(&meta, Some(&remote.token), false),
+            body: Default::default(),
+        };
+        if let Err(e) = client.send(&peer, request, None).await {
+            tracing::info!(peer = %peer.name(), error = %e, "could not log out the session held at a peer");
+        }
+    });
+}
+
+/// `POST /sessions/extend`: obtains a session at a peer and keeps it in this session.
+pub async fn extend(
+    State(state): State<AppState>,
+    mut caller: Caller,
+    Origin(origin): Origin,
+    meta: RequestMeta,
+    JsonBody(body): JsonBody<ExtendRequest>,
+) -> Result<Json<SessionDetails>, ApiError> {
+    let peer = match state.resolver.resolve(Some(body.site()), origin.as_ref())? {
+        Route::Peer(peer) => peer,
+        Route::Local => {
+            return Err(ApiError::BadInput(
+                "The session is already valid at the local site; extend it to a peer.".into(),
+            ))
+        }
+    };
+    let (path, payload, refused) = match &body {
+        ExtendRequest::Credentials {
+            username, password, ..
+        } => (
+            "/sessions",
+            serde_json::json!({"type": "localUser", "localUser": username, "localPassword": password}),
+            "refused the credentials",
+        ),
+        ExtendRequest::Multisite { .. } => (
+            "/peer/sessions",
+            serde_json::to_value(MultisiteSessionRequest {
+                user: caller.user.clone(),
+            })
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
+            "does not grant multisite sessions to this site for this user",
+        ),
+    };
+    let remote = obtain_remote_session(&state, &peer, path, payload, refused, &meta).await?;
+    tracing::info!(user = %caller.user, peer = %peer.name(), remote_user = %remote.user, "session extended");
+    state.sessions.add_extension(&mut caller, remote).await?;
+    Ok(Json(details(&state, &caller)))
+}
+
+async fn obtain_remote_session(
+    state: &AppState,
+    peer: &Peer,
+    path: &str,
+    payload: serde_json::Value,
+    refused: &str,
+    meta: &RequestMeta,
+) -> Result<RemoteSession, ApiError> {
+    let site = peer.name().to_string();
+    let body = serde_json::to_vec(&payload).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let request = Forward {
+        method: Method::POST,
+        path_and_query: path.to_owned(),
+        headers: forward_headers(meta, None, true),
+        body: body.into(),
+    };
+    let response = client(state)?.send(peer, request, meta.deadline).await?;
+    match response.status.as_u16() {
+        200 => {}
+        401 | 403 => {
+            tracing::info!(peer = %site, code = ?peer_error_code(&response), "peer refused a session");
+            return Err(ApiError::RemoteAuth(format!("Site '{site}' {refused}.")));
+        }
+        status => {
+            return Err(ApiError::Peer(crate::peer::PeerError::BadAnswer {
+                site,
+                detail: format!("unexpected status {status} to {path}"),
+            }))
+        }
+    }
+    let token = response
+        .headers
+        .get(AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let details: Option<SessionDetails> = serde_json::from_slice(&response.body).ok();
+    match (token, details) {
+        (Some(token), Some(details)) => Ok(RemoteSession {
+            site,
+            user: details.user,
+            token,
+        }),
+        _ => Err(ApiError::Peer(crate::peer::PeerError::BadAnswer {
+            site,
+            detail: "a session answer without a token or details".into(),
+        })),
+    }
+}
+
+/// `DELETE /sessions/{site}`: drops the session held at that peer (and ends it there).
+pub async fn drop_extension(
+    State(state): State<AppState>,
+    mut caller: Caller,
+    meta: RequestMeta,
+    SitePath(site): SitePath,
+) -> Result<Json<SessionDetails>, ApiError> {
+    if site == state.resolver.local_name().as_str() {
+        return Err(ApiError::BadInput(
+            "The local site cannot be dropped; log out with DELETE /sessions.".into(),
+        ));
+    }
+    // Unknown sites are SiteNotFound, as everywhere; a known one not extended to is a no-op.
+    state.resolver.resolve(Some(&site), None)?;
+    if let Some(remote) = state.sessions.remove_extension(&mut caller, &site).await? {
+        logout_at_peer(&state, remote, &meta);
+    }
+    Ok(Json(details(&state, &caller)))
+}
+
+/// `POST /peer/sessions`, on the peer link only: a peer asks for a session for one of this
+/// site's users, vouching for the user's identity. Granted only to peers configured with
+/// `trust_multisite`.
+pub async fn issue_for_peer(
+    State(state): State<AppState>,
+    Origin(origin): Origin,
+    JsonBody(body): JsonBody<MultisiteSessionRequest>,
+) -> Result<Response, ApiError> {
+    let Some(from) = origin else {
+        // Not part of the client API at all.
+        return Err(ApiError::NoRoute);
+    };
+    let trusted = match state.resolver.resolve(Some(from.as_str()), None) {
+        Ok(Route::Peer(peer)) => peer.config.trust_multisite,
+        _ => false,
+    };
+    if !trusted {
+        tracing::warn!(peer = %from, user = %body.user, "refused a multisite session: peer not trusted");
+        return Err(ApiError::Forbidden(
+            "This site does not trust the calling site to assert identities.",
+        ));
+    }
+    let (token, caller) = state.sessions.issue_for_trusted_peer(&body.user).await?;
+    tracing::info!(peer = %from, user = %caller.user, "issued a multisite session");
+    issued(&state, &token, &caller)
 }

@@ -2,7 +2,7 @@
 //! services (`writer` or `admin`).
 
 use axum::extract::{RawQuery, State};
-use axum::http::{header::LOCATION, HeaderValue, StatusCode};
+use axum::http::{header::LOCATION, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sitegate_model::query::{parse_site_only, TaskQuery};
@@ -11,18 +11,21 @@ use sitegate_model::task::{parse_poll_ids, NewTask, PollResponse, Task, TaskList
 use super::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::extract::{JsonBody, TaskIdPath};
+use crate::extract::{JsonBody, Origin, RequestMeta, TaskIdPath};
+use super::forward::forward_read;
 use crate::sites::Route;
 
 /// `GET /tasks/{taskId}`. Another user's task is reported exactly like a missing one.
 pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
+    Origin(origin): Origin,
+    meta: RequestMeta,
     TaskIdPath(id): TaskIdPath,
     RawQuery(query): RawQuery,
-) -> Result<Json<Task>, ApiError> {
+) -> Result<Response, ApiError> {
     let site = parse_site_only(query.as_deref())?;
-    match state.resolver.resolve(site.as_deref())? {
+    match state.resolver.resolve(site.as_deref(), origin.as_ref())? {
         Route::Local => {
             let task = state
                 .store
@@ -30,7 +33,11 @@ pub async fn get_one(
                 .await?
                 .filter(|t| caller.visibility().is_none_or(|owner| owner == t.user))
                 .ok_or(ApiError::TaskNotFound(id))?;
-            Ok(Json(task))
+            Ok(Json(task).into_response())
+        }
+        Route::Peer(peer) => {
+            let path = format!("/tasks/{id}");
+            forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
         }
     }
 }
@@ -39,8 +46,10 @@ pub async fn get_one(
 pub async fn query(
     State(state): State<AppState>,
     caller: Caller,
+    Origin(origin): Origin,
+    meta: RequestMeta,
     RawQuery(query): RawQuery,
-) -> Result<Json<TaskList>, ApiError> {
+) -> Result<Response, ApiError> {
     let q = TaskQuery::parse(query.as_deref())?;
     if let Some(user) = &q.user {
         if !caller.is_admin() && *user != caller.user {
@@ -49,13 +58,18 @@ pub async fn query(
             ));
         }
     }
-    match state.resolver.resolve(q.site.as_deref())? {
+    match state.resolver.resolve(q.site.as_deref(), origin.as_ref())? {
         Route::Local => {
             let page = state.store.query_tasks(&q, caller.visibility()).await?;
             Ok(Json(TaskList {
                 items: page.items,
                 total: page.total,
-            }))
+            })
+            .into_response())
+        }
+        Route::Peer(peer) => {
+            let path = format!("/tasks?{}", q.to_query_string_without_site());
+            forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
         }
     }
 }
@@ -64,15 +78,24 @@ pub async fn query(
 pub async fn poll(
     State(state): State<AppState>,
     caller: Caller,
+    Origin(origin): Origin,
+    meta: RequestMeta,
     RawQuery(query): RawQuery,
     JsonBody(ids): JsonBody<Vec<String>>,
-) -> Result<Json<PollResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let site = parse_site_only(query.as_deref())?;
     let ids = parse_poll_ids(&ids)?;
-    match state.resolver.resolve(site.as_deref())? {
+    match state.resolver.resolve(site.as_deref(), origin.as_ref())? {
         Route::Local => {
             let tasks = state.store.get_tasks(&ids, caller.visibility()).await?;
-            Ok(Json(PollResponse::from_tasks(&tasks)))
+            Ok(Json(PollResponse::from_tasks(&tasks)).into_response())
+        }
+        Route::Peer(peer) => {
+            // Forward the validated, de-duplicated IDs, not the caller's raw body.
+            let body = serde_json::to_vec(&ids)
+                .map_err(|e| ApiError::Internal(format!("encoding poll IDs: {e}")))?;
+            let path = "/tasks/poll".to_owned();
+            forward_read(&state, &caller, &peer, Method::POST, path, Some(body.into()), &meta).await
         }
     }
 }
@@ -87,11 +110,16 @@ fn require_writer(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
-/// Tasks are written only where they run: a write naming another site is refused.
+/// Tasks are written only where they run, by that site's own services: a write naming
+/// another site is refused, never forwarded.
 fn require_local(state: &AppState, query: Option<&str>) -> Result<(), ApiError> {
     let site = parse_site_only(query)?;
-    match state.resolver.resolve(site.as_deref())? {
+    match state.resolver.resolve(site.as_deref(), None)? {
         Route::Local => Ok(()),
+        Route::Peer(peer) => Err(ApiError::BadInput(format!(
+            "Tasks are written only at the site they run on; write to site '{}' there.",
+            peer.name()
+        ))),
     }
 }
 

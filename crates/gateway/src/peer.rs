@@ -1,0 +1,503 @@
+//! The peer client: how this site talks to its peers over the mutual-TLS peer link.
+//!
+//! Each peer has one HTTP/2 connection, multiplexing every forwarded request, opened on first
+//! use and re-opened after it breaks. Every request has a deadline (the configured peer timeout,
+//! shortened to what is left of the caller's own), sent along so the peer gives up when the
+//! answer could no longer be used. Each peer's link health is tracked: consecutive transport
+//! failures open a circuit (requests then fail fast with `Retry-After`), and a background probe
+//! (`GET /healthz` over the link) closes it again as soon as the peer answers.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use sitegate_model::config::{PeerConfig, PeeringConfig};
+use sitegate_model::site::{CircuitState, LinkInfo, SiteInfo, SiteName, SiteState};
+use sitegate_model::{ErrorCode, ErrorEnvelope};
+use sitegate_store::now_millis;
+use tokio::net::TcpStream;
+
+use crate::tls::{handshake_refusal, HandshakeObserver, HandshakeRefusal, PeerTls};
+
+/// The header carrying the milliseconds left before the caller's deadline.
+pub const DEADLINE_HEADER: &str = "x-sitegate-deadline-ms";
+/// The largest answer accepted from a peer.
+const MAX_PEER_BODY: usize = 32 * 1024 * 1024;
+
+/// Why a request to a peer failed. The messages name the site and the step, never internals;
+/// `detail` is for the log only.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    #[error("site '{site}' could not be reached")]
+    Unreachable { site: String, detail: String },
+    #[error("the link to site '{site}' is marked down; retry later")]
+    CircuitOpen { site: String, retry_after: Duration },
+    #[error("site '{site}' did not answer in time")]
+    Timeout { site: String },
+    #[error("site '{site}' refused this site's certificate during the TLS handshake")]
+    RefusedOurCertificate { site: String, detail: String },
+    #[error(
+        "this site could not verify site '{site}''s certificate during the TLS handshake \
+         (it must be issued by the federation CA and name the site)"
+    )]
+    UntrustedPeerCertificate { site: String, detail: String },
+    #[error("site '{site}' sent an answer that could not be read")]
+    BadAnswer { site: String, detail: String },
+}
+
+impl PeerError {
+    /// Only failures of the link itself count towards opening the circuit; a refused
+    /// certificate is a configuration problem that retrying faster or slower does not change.
+    fn counts_for_circuit(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Unreachable { .. } | PeerError::Timeout { .. } | PeerError::BadAnswer { .. }
+        )
+    }
+
+    /// The API code a caller sees for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PeerError::Unreachable { .. }
+            | PeerError::CircuitOpen { .. }
+            | PeerError::BadAnswer { .. } => ErrorCode::RemoteSiteUnavailable,
+            PeerError::Timeout { .. } => ErrorCode::RemoteSiteTimeout,
+            PeerError::RefusedOurCertificate { .. } | PeerError::UntrustedPeerCertificate { .. } => {
+                ErrorCode::RemoteAuthenticationFailure
+            }
+        }
+    }
+
+    /// The message a caller (and `/sites`) sees: a sentence naming the site and the step.
+    pub fn message(&self) -> String {
+        let text = self.to_string();
+        let mut chars = text.chars();
+        match chars.next() {
+            Some(first) => format!("{}{}.", first.to_uppercase(), chars.as_str()),
+            None => text,
+        }
+    }
+
+    /// What the log gets beyond the message.
+    pub fn detail(&self) -> &str {
+        match self {
+            PeerError::Unreachable { detail, .. }
+            | PeerError::RefusedOurCertificate { detail, .. }
+            | PeerError::UntrustedPeerCertificate { detail, .. }
+            | PeerError::BadAnswer { detail, .. } => detail,
+            PeerError::CircuitOpen { .. } | PeerError::Timeout { .. } => "",
+        }
+    }
+}
+
+/// A request to forward.
+pub struct Forward {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A peer's answer, whole.
+pub struct PeerResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct LinkHealth {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    last_success: Option<i64>,
+    last_failure: Option<i64>,
+    last_error: Option<ErrorEnvelope>,
+    round_trip_ms: Option<f64>,
+    peer_cert_expiry: Option<i64>,
+    last_incoming: Option<i64>,
+    incoming_error: Option<(i64, ErrorEnvelope)>,
+}
+
+/// One configured peer and the state of the link to it.
+pub struct Peer {
+    pub config: PeerConfig,
+    address: String,
+    server_name: ServerName<'static>,
+    /// The multiplexed connection, if open. The async mutex makes concurrent requests wait
+    /// for one connection attempt instead of each opening their own.
+    connection: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    health: Mutex<LinkHealth>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("name", &self.config.name).finish()
+    }
+}
+
+impl Peer {
+    pub fn name(&self) -> &SiteName {
+        &self.config.name
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, LinkHealth> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_success(&self, round_trip: Duration) {
+        let mut h = self.health();
+        h.consecutive_failures = 0;
+        h.open_until = None;
+        h.last_success = Some(now_millis());
+        h.last_error = None;
+        h.round_trip_ms = Some(round_trip.as_secs_f64() * 1000.0);
+    }
+
+    fn record_failure(&self, error: &PeerError, config: &PeeringConfig) {
+        let mut h = self.health();
+        h.last_failure = Some(now_millis());
+        h.last_error = Some(ErrorEnvelope::new(error.code(), error.message(), vec![]));
+        if error.counts_for_circuit() {
+            h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+            if h.consecutive_failures >= config.failure_threshold {
+                let was_closed = h.open_until.is_none();
+                h.open_until = Some(Instant::now() + Duration::from_secs(config.circuit_open_secs));
+                if was_closed {
+                    tracing::warn!(peer = %self.config.name, "circuit opened: peer link marked down");
+                }
+            }
+        }
+    }
+
+    /// `Some(wait)` while the circuit is open.
+    fn circuit_wait(&self) -> Option<Duration> {
+        let h = self.health();
+        h.open_until
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// The `/sites` entry for this peer.
+    pub fn site_info(&self) -> SiteInfo {
+        let h = self.health();
+        let circuit = match h.open_until {
+            None => CircuitState::Closed,
+            Some(until) if until > Instant::now() => CircuitState::Open,
+            Some(_) => CircuitState::HalfOpen,
+        };
+        let failing = h.last_failure > h.last_success || circuit != CircuitState::Closed;
+        let incoming_error = h
+            .incoming_error
+            .as_ref()
+            .filter(|(at, _)| Some(*at) > h.last_incoming)
+            .map(|(_, e)| e.clone());
+        SiteInfo {
+            site: self.config.name.to_string(),
+            description: self.config.description.clone(),
+            is_local: false,
+            state: SiteState {
+                incoming_comm_error: incoming_error,
+                outgoing_comm_error: if failing { h.last_error.clone() } else { None },
+            },
+            link: Some(LinkInfo {
+                url: self.config.url.clone(),
+                circuit,
+                consecutive_failures: h.consecutive_failures,
+                last_success: h.last_success,
+                last_failure: h.last_failure,
+                round_trip_ms: h.round_trip_ms,
+                peer_certificate_expiry: h.peer_cert_expiry,
+                last_incoming: h.last_incoming,
+            }),
+            certificate_expiry: None,
+        }
+    }
+
+    /// Records that this peer reached us over the peer link.
+    pub fn record_incoming(&self) {
+        self.health().last_incoming = Some(now_millis());
+    }
+}
+
+/// The configured peers; also told about incoming handshakes by the TLS layer.
+#[derive(Debug)]
+pub struct PeerSet {
+    peers: Vec<Arc<Peer>>,
+}
+
+impl PeerSet {
+    pub fn new(configs: &[PeerConfig]) -> Result<Self, String> {
+        let mut peers = Vec::with_capacity(configs.len());
+        for config in configs {
+            let address = config.address().map_err(|e| e.to_string())?;
+            let server_name = ServerName::try_from(config.name.to_string())
+                .map_err(|e| format!("peer '{}': {e}", config.name))?;
+            peers.push(Arc::new(Peer {
+                config: config.clone(),
+                address,
+                server_name,
+                connection: tokio::sync::Mutex::new(None),
+                health: Mutex::new(LinkHealth::default()),
+            }));
+        }
+        Ok(PeerSet { peers })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Peer>> {
+        self.peers.iter().find(|p| p.config.name.as_str() == name)
+    }
+
+    pub fn all(&self) -> &[Arc<Peer>] {
+        &self.peers
+    }
+
+    pub fn names(&self) -> Vec<SiteName> {
+        self.peers.iter().map(|p| p.config.name.clone()).collect()
+    }
+}
+
+impl HandshakeObserver for PeerSet {
+    fn incoming_handshake(&self, site: &SiteName, outcome: Result<(), String>) {
+        let Some(peer) = self.get(site.as_str()) else { return };
+        match outcome {
+            Ok(()) => peer.record_incoming(),
+            Err(reason) => {
+                tracing::warn!(peer = %site, reason, "refused a peer-link certificate naming this peer");
+                peer.health().incoming_error = Some((
+                    now_millis(),
+                    ErrorEnvelope::new(
+                        ErrorCode::RemoteAuthenticationFailure,
+                        format!("This site refused the certificate presented by site '{site}'."),
+                        vec![],
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Sends requests to peers and keeps their links healthy.
+pub struct PeerClient {
+    pub peers: Arc<PeerSet>,
+    tls: Arc<PeerTls>,
+    config: PeeringConfig,
+}
+
+impl PeerClient {
+    pub fn new(peers: Arc<PeerSet>, tls: Arc<PeerTls>, config: PeeringConfig) -> Self {
+        PeerClient { peers, tls, config }
+    }
+
+    pub fn tls(&self) -> &Arc<PeerTls> {
+        &self.tls
+    }
+
+    /// Sends `request` to `peer`, failing fast while its circuit is open. `deadline` is the
+    /// caller's: the peer's answer is waited for no longer than that.
+    pub async fn send(
+        &self,
+        peer: &Peer,
+        request: Forward,
+        deadline: Option<Instant>,
+    ) -> Result<PeerResponse, PeerError> {
+        if let Some(wait) = peer.circuit_wait() {
+            return Err(PeerError::CircuitOpen {
+                site: peer.name().to_string(),
+                retry_after: wait,
+            });
+        }
+        self.exchange(peer, request, deadline).await
+    }
+
+    async fn exchange(
+        &self,
+        peer: &Peer,
+        request: Forward,
+        deadline: Option<Instant>,
+    ) -> Result<PeerResponse, PeerError> {
+        let started = Instant::now();
+        let mut budget = Duration::from_millis(self.config.request_timeout_ms);
+        if let Some(deadline) = deadline {
+            budget = budget.min(deadline.saturating_duration_since(started));
+        }
+        let site = peer.name().to_string();
+        let outcome = if budget.is_zero() {
+            Err(PeerError::Timeout { site })
+        } else {
+            match tokio::time::timeout(budget, self.attempt(peer, request, started + budget)).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(PeerError::Timeout { site }),
+            }
+        };
+        match &outcome {
+            Ok(_) => peer.record_success(started.elapsed()),
+            Err(e) => {
+                if !matches!(e, PeerError::Timeout { .. }) {
+                    // A broken connection is not reused; the next request opens a new one.
+                    *peer.connection.lock().await = None;
+                }
+                peer.record_failure(e, &self.config);
+            }
+        }
+        outcome
+    }
+
+    async fn attempt(
+        &self,
+        peer: &Peer,
+        request: Forward,
+        deadline: Instant,
+    ) -> Result<PeerResponse, PeerError> {
+        let mut sender = self.connection(peer).await?;
+        let site = peer.name().to_string();
+        let mut builder = Request::builder()
+            .method(request.method)
+            .uri(format!("https://{}{}", peer.name(), request.path_and_query));
+        if let Some(headers) = builder.headers_mut() {
+            *headers = request.headers;
+            let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+            if let Ok(v) = HeaderValue::from_str(&left.to_string()) {
+                headers.insert(DEADLINE_HEADER, v);
+            }
+        }
+        let req = builder
+            .body(Full::new(request.body))
+            .map_err(|e| PeerError::BadAnswer {
+                site: site.clone(),
+                detail: format!("could not build the request: {e}"),
+            })?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| transport_error(&site, &e))?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| transport_error(&site, &e))?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_PEER_BODY)
+            .collect()
+            .await
+            .map_err(|e| PeerError::BadAnswer {
+                site: site.clone(),
+                detail: format!("reading the answer: {e}"),
+            })?
+            .to_bytes();
+        Ok(PeerResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// The open connection to `peer`, or a new one.
+    async fn connection(&self, peer: &Peer) -> Result<SendRequest<Full<Bytes>>, PeerError> {
+        let mut slot = peer.connection.lock().await;
+        if let Some(sender) = slot.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        let site = peer.name().to_string();
+        let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let unreachable = |detail: String| PeerError::Unreachable {
+            site: site.clone(),
+            detail,
+        };
+        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&peer.address))
+            .await
+            .map_err(|_| unreachable(format!("connecting to {} timed out", peer.address)))?
+            .map_err(|e| unreachable(format!("connecting to {}: {e}", peer.address)))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            connect_timeout,
+            self.tls.connector().connect(peer.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| unreachable("TLS handshake timed out".into()))?
+        .map_err(|e| transport_error(&site, &e))?;
+        if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+            peer.health().peer_cert_expiry = crate::tls::not_after_millis(cert);
+        }
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Pings find a peer that vanished without closing the connection.
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| transport_error(&site, &e))?;
+        let name = site.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(peer = %name, error = %e, "peer connection closed");
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Probes every peer each interval, forever; run as a background task.
+    pub async fn probe_forever(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.config.probe_interval_ms);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for peer in self.peers.all() {
+                let client = self.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    let probe = Forward {
+                        method: Method::GET,
+                        path_and_query: "/healthz".into(),
+                        headers: HeaderMap::new(),
+                        body: Bytes::new(),
+                    };
+                    let deadline = Instant::now() + interval.max(Duration::from_millis(500));
+                    let was_failing = peer.circuit_wait().is_some();
+                    let result = client.exchange(&peer, probe, Some(deadline)).await;
+                    if was_failing && result.is_ok() {
+                        tracing::info!(peer = %peer.name(), "peer link is back: circuit closed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn transport_error(site: &str, e: &(dyn std::error::Error + 'static)) -> PeerError {
+    let mut detail = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    match handshake_refusal(e) {
+        Some(HandshakeRefusal::PeerRefusedUs) => PeerError::RefusedOurCertificate {
+            site: site.to_owned(),
+            detail,
+        },
+        Some(HandshakeRefusal::WeRefusedPeer) => PeerError::UntrustedPeerCertificate {
+            site: site.to_owned(),
+            detail,
+        },
+        None => PeerError::Unreachable {
+            site: site.to_owned(),
+            detail,
+        },
+    }
+}
+
+/// The content type of a peer's answer, for passing it back unchanged.
+pub fn content_type(headers: &HeaderMap) -> Option<&HeaderValue> {
+    headers.get(CONTENT_TYPE)
+}

@@ -1,0 +1,362 @@
+//! Everything rustls: the peer link's server and client configurations, built from PEM files
+//! and swapped atomically when the files change, and the rules that tie a certificate to a
+//! site. This is the only module that touches rustls.
+//!
+//! A site's identity is a DNS SAN equal to its site name, issued by the federation CA. The
+//! peer listener requires a client certificate, verifies it against the CA, and accepts it only
+//! if it names a configured peer; the peer client connects with the peer's *site name* as the
+//! TLS server name, whatever host its URL points at, so a certificate for another site is
+//! refused even at the right address.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    AlertDescription, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+use sitegate_model::config::TlsConfig;
+use sitegate_model::site::SiteName;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Why certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Told about every client certificate the peer listener checks, so link health can report
+/// incoming failures per peer.
+pub trait HandshakeObserver: Send + Sync + std::fmt::Debug {
+    fn incoming_handshake(&self, site: &SiteName, outcome: Result<(), String>);
+}
+
+/// The current configurations and what they were built from.
+struct Loaded {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    own_cert_expiry: Option<i64>,
+    stamp: Vec<Option<SystemTime>>,
+}
+
+/// The peer link's TLS, reloadable without a restart. New connections use the newest
+/// certificates; established ones keep theirs until they close.
+pub struct PeerTls {
+    files: TlsConfig,
+    peers: Vec<SiteName>,
+    observer: Arc<dyn HandshakeObserver>,
+    current: ArcSwap<Loaded>,
+    /// Serialises reloads (SIGHUP and the file watcher may race).
+    reloading: Mutex<()>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Read {
+            path: path.to_owned(),
+            reason: "no certificate in the file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn stamp(files: &TlsConfig) -> Vec<Option<SystemTime>> {
+    [&files.ca, &files.cert, &files.key]
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// The site a certificate names, among `candidates` (its DNS SANs are compared, not its CN).
+pub fn identify(cert: &CertificateDer<'_>, candidates: &[SiteName]) -> Option<SiteName> {
+    let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
+    candidates
+        .iter()
+        .find(|name| {
+            ServerName::try_from(name.as_str())
+                .map(|sn| parsed.verify_is_valid_for_subject_name(&sn).is_ok())
+                .unwrap_or(false)
+        })
+        .cloned()
+}
+
+/// A certificate's `notAfter`, in epoch milliseconds.
+pub fn not_after_millis(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp() * 1000)
+}
+
+fn build(
+    files: &TlsConfig,
+    local: &SiteName,
+    peers: &[SiteName],
+    observer: Arc<dyn HandshakeObserver>,
+) -> Result<Loaded, TlsError> {
+    let stamp = stamp(files);
+    let ca = read_certs(&files.ca)?;
+    let chain = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    let mut roots = RootCertStore::empty();
+    for cert in ca {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Invalid(format!("CA certificate: {e}")))?;
+    }
+    let roots = Arc::new(roots);
+    if identify(&chain[0], std::slice::from_ref(local)).is_none() {
+        return Err(TlsError::Invalid(format!(
+            "{} does not name this site ('{local}') as a DNS subject alternative name",
+            files.cert.display()
+        )));
+    }
+    let own_cert_expiry = not_after_millis(&chain[0]);
+
+    let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(PeerSiteVerifier {
+        inner: webpki,
+        peers: peers.to_vec(),
+        observer,
+    });
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| TlsError::Invalid(format!("site certificate and key: {e}")))?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+    let mut client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Invalid(format!("site certificate and key: {e}")))?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+
+    Ok(Loaded {
+        server: Arc::new(server),
+        client: Arc::new(client),
+        own_cert_expiry,
+        stamp,
+    })
+}
+
+impl PeerTls {
+    pub fn load(
+        files: TlsConfig,
+        local: SiteName,
+        peers: Vec<SiteName>,
+        observer: Arc<dyn HandshakeObserver>,
+    ) -> Result<Self, TlsError> {
+        let loaded = build(&files, &local, &peers, observer.clone())?;
+        let mut all = peers;
+        all.push(local);
+        Ok(PeerTls {
+            files,
+            peers: all,
+            observer,
+            current: ArcSwap::from_pointee(loaded),
+            reloading: Mutex::new(()),
+        })
+    }
+
+    fn local(&self) -> &SiteName {
+        // `load` pushed the local name last.
+        &self.peers[self.peers.len() - 1]
+    }
+
+    fn peer_names(&self) -> &[SiteName] {
+        &self.peers[..self.peers.len() - 1]
+    }
+
+    /// Re-reads the files; on failure the old configuration stays in force.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let _guard = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = build(&self.files, self.local(), self.peer_names(), self.observer.clone())?;
+        self.current.store(Arc::new(loaded));
+        Ok(())
+    }
+
+    /// Reloads when any of the files' modification times changed; returns whether it did.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        if stamp(&self.files) == self.current.load().stamp {
+            return Ok(false);
+        }
+        self.reload().map(|()| true)
+    }
+
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load().server.clone())
+    }
+
+    pub fn connector(&self) -> TlsConnector {
+        TlsConnector::from(self.current.load().client.clone())
+    }
+
+    pub fn own_certificate_expiry(&self) -> Option<i64> {
+        self.current.load().own_cert_expiry
+    }
+
+    /// The peer a verified client certificate names.
+    pub fn identify_peer(&self, cert: &CertificateDer<'_>) -> Option<SiteName> {
+        identify(cert, self.peer_names())
+    }
+}
+
+/// Accepts a client certificate only if it chains to the federation CA *and* names a
+/// configured peer, so an unknown site is refused during the handshake.
+#[derive(Debug)]
+struct PeerSiteVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    peers: Vec<SiteName>,
+    observer: Arc<dyn HandshakeObserver>,
+}
+
+impl ClientCertVerifier for PeerSiteVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let claimed = identify(end_entity, &self.peers);
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now);
+        match (&claimed, &verified) {
+            (Some(site), Ok(_)) => self.observer.incoming_handshake(site, Ok(())),
+            (Some(site), Err(e)) => self.observer.incoming_handshake(site, Err(e.to_string())),
+            (None, _) => {}
+        }
+        let verified = verified?;
+        if claimed.is_none() {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Which side of a failed handshake refused the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeRefusal {
+    /// The peer refused this site's certificate (it sent a certificate alert).
+    PeerRefusedUs,
+    /// This site could not verify the peer's certificate (wrong CA, wrong name, expired).
+    WeRefusedPeer,
+}
+
+/// Finds a TLS refusal anywhere in an error's chain (hyper and h2 wrap I/O errors, which
+/// wrap rustls errors).
+pub fn handshake_refusal(err: &(dyn std::error::Error + 'static)) -> Option<HandshakeRefusal> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return classify(tls);
+        }
+        // `io::Error::source` skips the wrapped error itself, so look inside explicitly.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return classify(inner);
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn classify(e: &rustls::Error) -> Option<HandshakeRefusal> {
+    use AlertDescription as A;
+    match e {
+        rustls::Error::InvalidCertificate(_) => Some(HandshakeRefusal::WeRefusedPeer),
+        rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired,
+        ) => Some(HandshakeRefusal::PeerRefusedUs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_rustls_errors_inside_io_errors() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+        );
+        assert_eq!(handshake_refusal(&io), Some(HandshakeRefusal::PeerRefusedUs));
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert_eq!(handshake_refusal(&io), Some(HandshakeRefusal::WeRefusedPeer));
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(handshake_refusal(&plain), None);
+    }
+}
