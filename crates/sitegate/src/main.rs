@@ -31,6 +31,78 @@ enum Command {
     Init(init::InitArgs),
     /// Run a small federation on this machine with tasks that make progress.
     Demo(demo::DemoArgs),
+    /// Certificates for real deployments: a federation CA, and site certificates from it.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a federation CA: DIR/ca.pem and DIR/ca.key (keep the key offline).
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "sitegate federation CA")]
+        name: String,
+    },
+    /// Issue a certificate for a site from the CA in CA_DIR: OUT_DIR/<site>.pem and .key.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+fn pki(command: PkiCommand) -> Result<(), String> {
+    match command {
+        PkiCommand::Ca { dir, name } => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+            if key.exists() {
+                return Err(format!("{} exists; refusing to overwrite a CA key", key.display()));
+            }
+            let ca = pki::new_authority(&name)?;
+            std::fs::write(&cert, &ca.pem.cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+            init::write_private(&key, &ca.pem.key)?;
+            println!("Wrote {} and {}", cert.display(), key.display());
+        }
+        PkiCommand::Issue {
+            ca_dir,
+            site,
+            out_dir,
+            days,
+        } => {
+            let site = sitegate_model::site::SiteName::parse(&site).map_err(|e| e.to_string())?;
+            if days < 1 {
+                return Err("--days must be at least 1".into());
+            }
+            let read = |name: &str| {
+                let path = ca_dir.join(name);
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+            };
+            let ca = pki::load_authority(&read("ca.pem")?, &read("ca.key")?)?;
+            let issued = pki::issue_site_certificate(&ca, site.as_str(), days)?;
+            std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+            let (cert, key) = (out_dir.join(format!("{site}.pem")), out_dir.join(format!("{site}.key")));
+            // Key first, certificate last: a site reloading on the certificate's change then
+            // finds a matching key already in place.
+            let tmp_key = out_dir.join(format!(".{site}.key.new"));
+            let tmp_cert = out_dir.join(format!(".{site}.pem.new"));
+            init::write_private(&tmp_key, &issued.key)?;
+            std::fs::write(&tmp_cert, &issued.cert).map_err(|e| format!("{}: {e}", tmp_cert.display()))?;
+            std::fs::rename(&tmp_key, &key).map_err(|e| format!("{}: {e}", key.display()))?;
+            std::fs::rename(&tmp_cert, &cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+            println!("Wrote {} and {} for site '{site}', valid {days} days", cert.display(), key.display());
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -41,6 +113,7 @@ fn main() -> ExitCode {
             println!("{}", init::summary(&args, &dir));
         }),
         Command::Demo(args) => demo::run(args),
+        Command::Pki(command) => pki(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,8 +15,7 @@ pub struct Pem {
 
 /// A CA able to issue site certificates.
 pub struct Authority {
-    params: CertificateParams,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
     pub pem: Pem,
 }
 
@@ -43,7 +42,24 @@ pub fn new_authority(name: &str) -> Result<Authority, String> {
         cert: cert.pem(),
         key: key.serialize_pem(),
     };
-    Ok(Authority { params, key, pem })
+    Ok(Authority {
+        issuer: Issuer::new(params, key),
+        pem,
+    })
+}
+
+/// Loads a CA written by `new_authority` (or any CA certificate and key in PEM).
+pub fn load_authority(cert_pem: &str, key_pem: &str) -> Result<Authority, String> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| format!("CA key: {e}"))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| format!("CA certificate: {e}"))?;
+    Ok(Authority {
+        issuer,
+        pem: Pem {
+            cert: cert_pem.to_owned(),
+            key: key_pem.to_owned(),
+        },
+    })
 }
 
 /// A site certificate signed by `ca`, valid for `days`.
@@ -62,9 +78,8 @@ pub fn issue_site_certificate(ca: &Authority, site: &str, days: i64) -> Result<P
     ];
     validity(&mut params, days);
     let key = KeyPair::generate().map_err(|e| e.to_string())?;
-    let issuer = Issuer::from_params(&ca.params, &ca.key);
     let cert = params
-        .signed_by(&key, &issuer)
+        .signed_by(&key, &ca.issuer)
         .map_err(|e| e.to_string())?;
     Ok(Pem {
         cert: cert.pem(),
@@ -75,6 +90,14 @@ pub fn issue_site_certificate(ca: &Authority, site: &str, days: i64) -> Result<P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reloads_an_authority_and_issues_from_it() {
+        let ca = new_authority("test CA").unwrap();
+        let again = load_authority(&ca.pem.cert, &ca.pem.key).unwrap();
+        assert!(issue_site_certificate(&again, "site2", 30).is_ok());
+        assert!(load_authority("not pem", &ca.pem.key).is_err());
+    }
 
     #[test]
     fn issues_pem_certificates() {
