@@ -32,7 +32,9 @@ fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/sessions",
-            post(sessions::login).get(sessions::get).delete(sessions::logout),
+            post(sessions::login)
+                .get(sessions::get)
+                .delete(sessions::logout),
         )
         .route("/sessions/extend", post(sessions::extend))
         .route("/sessions/{site}", delete(sessions::drop_extension))
@@ -72,7 +74,9 @@ pub fn client_api(state: AppState, config: &SiteConfig) -> Router {
         ))
         // 4. Concurrency limit, shared by all connections: excess requests wait here rather
         //    than pile onto the store. Below the deadline, so waiting counts against it.
-        .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+        .layer(GlobalConcurrencyLimitLayer::new(
+            limits.max_concurrent_requests,
+        ))
         // 5. Authentication: resolves the session token once, before routing; handlers opt
         //    in to requiring it with the `Caller` extractor.
         .layer(middleware::from_fn_with_state(
@@ -239,8 +243,7 @@ impl Application {
 /// can be rotated without a restart. A failed reload keeps the certificates in use.
 async fn reload_certificates(tls: Arc<PeerTls>, every: Duration) {
     #[cfg(unix)]
-    let mut hangup =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(every);
     loop {
         #[cfg(unix)]
@@ -261,7 +264,9 @@ async fn reload_certificates(tls: Arc<PeerTls>, every: Duration) {
         match result {
             Ok(true) => tracing::info!("peer link certificates reloaded"),
             Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "peer link certificates not reloaded; keeping the old ones"),
+            Err(e) => {
+                tracing::error!(error = %e, "peer link certificates not reloaded; keeping the old ones")
+            }
         }
     }
 }

@@ -62,7 +62,11 @@ impl Users {
         rand::thread_rng().fill_bytes(&mut decoy);
         let decoy_hash = hash_password(&hex(&decoy))?;
         Ok(Users {
-            by_name: file.users.into_iter().map(|u| (u.name.clone(), u)).collect(),
+            by_name: file
+                .users
+                .into_iter()
+                .map(|u| (u.name.clone(), u))
+                .collect(),
             decoy_hash,
         })
     }
@@ -217,19 +221,26 @@ impl SessionManager {
         let hash = token_hash(token);
         let record = match self.store.get_session(hash).await {
             Ok(Some(r)) => r,
-            Ok(None) => return Err(AuthOutcome::Refused("The session has ended or never existed.")),
+            Ok(None) => {
+                return Err(AuthOutcome::Refused(
+                    "The session has ended or never existed.",
+                ))
+            }
             Err(e) => return Err(AuthOutcome::StoreFailed(e)),
         };
         if !bool::from(record.token_hash.ct_eq(&hash)) {
-            return Err(AuthOutcome::Refused("The session has ended or never existed."));
+            return Err(AuthOutcome::Refused(
+                "The session has ended or never existed.",
+            ));
         }
         let now = now_millis();
-        if now - record.last_seen > self.idle_timeout_ms || now - record.created > self.max_age_ms
-        {
+        if now - record.last_seen > self.idle_timeout_ms || now - record.created > self.max_age_ms {
             if let Err(e) = self.store.delete_session(hash).await {
                 tracing::warn!(error = %e, "could not delete an expired session");
             }
-            return Err(AuthOutcome::Refused("The session has expired; log in again."));
+            return Err(AuthOutcome::Refused(
+                "The session has expired; log in again.",
+            ));
         }
         if now - record.last_seen > TOUCH_INTERVAL_MS {
             // Off the request path: a lost touch only shortens the session's idle window.
@@ -249,8 +260,16 @@ impl SessionManager {
     }
 
     /// Keeps `remote` in the caller's session; every replica and a restart see it.
-    pub async fn add_extension(&self, caller: &mut Caller, remote: RemoteSession) -> Result<(), ApiError> {
-        if !self.store.put_extension(caller.token_hash, remote.clone()).await? {
+    pub async fn add_extension(
+        &self,
+        caller: &mut Caller,
+        remote: RemoteSession,
+    ) -> Result<(), ApiError> {
+        if !self
+            .store
+            .put_extension(caller.token_hash, remote.clone())
+            .await?
+        {
             return Err(ApiError::NotAuthenticated("The session has ended."));
         }
         caller.extensions.retain(|e| e.site != remote.site);
@@ -259,7 +278,11 @@ impl SessionManager {
     }
 
     /// Drops the session held at `site`; returns it so it can be logged out there.
-    pub async fn remove_extension(&self, caller: &mut Caller, site: &str) -> Result<Option<RemoteSession>, ApiError> {
+    pub async fn remove_extension(
+        &self,
+        caller: &mut Caller,
+        site: &str,
+    ) -> Result<Option<RemoteSession>, ApiError> {
         let removed = self.store.remove_extension(caller.token_hash, site).await?;
         caller.extensions.retain(|e| e.site != site);
         Ok(removed)

@@ -78,7 +78,12 @@ impl ApiError {
         use ApiError::*;
         let msg = self.to_string();
         match self {
-            BadInput(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadUserInput, msg, vec![]),
+            BadInput(_) => (
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadUserInput,
+                msg,
+                vec![],
+            ),
             BodyTooLarge(n) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::BadUserInput,
@@ -216,7 +221,9 @@ mod tests {
     #[test]
     fn internal_errors_never_leak_detail() {
         for e in [
-            ApiError::Store(StoreError::Database("disk I/O error at /secret/path".into())),
+            ApiError::Store(StoreError::Database(
+                "disk I/O error at /secret/path".into(),
+            )),
             ApiError::Internal("panic in module x".into()),
         ] {
             let env = e.envelope();
@@ -231,7 +238,11 @@ mod tests {
         let id = Uuid::new_v4();
         let cases = [
             (StoreError::TaskNotFound(id), "TaskNotFound", 404),
-            (StoreError::TaskAlreadyFinal(id), "TaskAlreadyCompleted", 409),
+            (
+                StoreError::TaskAlreadyFinal(id),
+                "TaskAlreadyCompleted",
+                409,
+            ),
             (StoreError::Rejected("x".into()), "BadUserInput", 400),
             (StoreError::Closed, "GeneralServerFailure", 500),
         ];
@@ -246,11 +257,43 @@ mod tests {
     fn peer_errors_map_to_remote_codes() {
         let site = || "site2".to_string();
         let cases = [
-            (PeerError::Unreachable { site: site(), detail: "refused".into() }, "RemoteSiteUnavailable", 502),
-            (PeerError::CircuitOpen { site: site(), retry_after: std::time::Duration::from_secs(3) }, "RemoteSiteUnavailable", 502),
-            (PeerError::Timeout { site: site() }, "RemoteSiteTimeout", 504),
-            (PeerError::RefusedOurCertificate { site: site(), detail: "x".into() }, "RemoteAuthenticationFailure", 401),
-            (PeerError::UntrustedPeerCertificate { site: site(), detail: "x".into() }, "RemoteAuthenticationFailure", 401),
+            (
+                PeerError::Unreachable {
+                    site: site(),
+                    detail: "refused".into(),
+                },
+                "RemoteSiteUnavailable",
+                502,
+            ),
+            (
+                PeerError::CircuitOpen {
+                    site: site(),
+                    retry_after: std::time::Duration::from_secs(3),
+                },
+                "RemoteSiteUnavailable",
+                502,
+            ),
+            (
+                PeerError::Timeout { site: site() },
+                "RemoteSiteTimeout",
+                504,
+            ),
+            (
+                PeerError::RefusedOurCertificate {
+                    site: site(),
+                    detail: "x".into(),
+                },
+                "RemoteAuthenticationFailure",
+                401,
+            ),
+            (
+                PeerError::UntrustedPeerCertificate {
+                    site: site(),
+                    detail: "x".into(),
+                },
+                "RemoteAuthenticationFailure",
+                401,
+            ),
         ];
         for (e, code, status) in cases {
             let (s, c, msg, _) = ApiError::from(e).parts();

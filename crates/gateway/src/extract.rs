@@ -33,11 +33,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 }
             })?;
         if bytes.is_empty() {
-            return Err(ApiError::BadInput("A JSON request body is required.".into()));
+            return Err(ApiError::BadInput(
+                "A JSON request body is required.".into(),
+            ));
         }
         // serde_json's default recursion limit (128) bounds deeply nested input.
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            ApiError::BadInput(format!("The request body is not valid JSON for this call: {e}"))
+            ApiError::BadInput(format!(
+                "The request body is not valid JSON for this call: {e}"
+            ))
         })
     }
 }

@@ -144,7 +144,8 @@ pub async fn deadline(State(limit): State<Duration>, mut req: Request, next: Nex
             limit = limit.min(Duration::from_millis(ms));
         }
     }
-    req.extensions_mut().insert(Deadline(Instant::now() + limit));
+    req.extensions_mut()
+        .insert(Deadline(Instant::now() + limit));
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),

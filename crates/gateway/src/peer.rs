@@ -68,9 +68,8 @@ impl PeerError {
             | PeerError::CircuitOpen { .. }
             | PeerError::BadAnswer { .. } => ErrorCode::RemoteSiteUnavailable,
             PeerError::Timeout { .. } => ErrorCode::RemoteSiteTimeout,
-            PeerError::RefusedOurCertificate { .. } | PeerError::UntrustedPeerCertificate { .. } => {
-                ErrorCode::RemoteAuthenticationFailure
-            }
+            PeerError::RefusedOurCertificate { .. }
+            | PeerError::UntrustedPeerCertificate { .. } => ErrorCode::RemoteAuthenticationFailure,
         }
     }
 
@@ -137,7 +136,9 @@ pub struct Peer {
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer").field("name", &self.config.name).finish()
+        f.debug_struct("Peer")
+            .field("name", &self.config.name)
+            .finish()
     }
 }
 
@@ -264,7 +265,9 @@ impl PeerSet {
 
 impl HandshakeObserver for PeerSet {
     fn incoming_handshake(&self, site: &SiteName, outcome: Result<(), String>) {
-        let Some(peer) = self.get(site.as_str()) else { return };
+        let Some(peer) = self.get(site.as_str()) else {
+            return;
+        };
         match outcome {
             Ok(()) => peer.record_incoming(),
             Err(reason) => {
@@ -357,12 +360,16 @@ impl PeerClient {
     ) -> Result<PeerResponse, PeerError> {
         let mut sender = self.connection(peer).await?;
         let site = peer.name().to_string();
-        let mut builder = Request::builder()
-            .method(request.method)
-            .uri(format!("https://{}{}", peer.name(), request.path_and_query));
+        let mut builder = Request::builder().method(request.method).uri(format!(
+            "https://{}{}",
+            peer.name(),
+            request.path_and_query
+        ));
         if let Some(headers) = builder.headers_mut() {
             *headers = request.headers;
-            let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis();
             if let Ok(v) = HeaderValue::from_str(&left.to_string()) {
                 headers.insert(DEADLINE_HEADER, v);
             }

@@ -63,13 +63,15 @@ fn service(
                          + Send,
         > + Clone,
 > {
-    TowerToHyperService::new(tower::service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(ClientAddr(client));
-        if let Some(origin) = &origin {
-            req.extensions_mut().insert(origin.clone());
-        }
-        app.clone().oneshot(req)
-    }))
+    TowerToHyperService::new(tower::service_fn(
+        move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(client));
+            if let Some(origin) = &origin {
+                req.extensions_mut().insert(origin.clone());
+            }
+            app.clone().oneshot(req)
+        },
+    ))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits (at
@@ -136,7 +138,8 @@ pub async fn serve(
                     // The handshake runs here, not in the accept loop, so a slow or hostile
                     // client cannot hold up others.
                     let accepted =
-                        tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream)).await;
+                        tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream))
+                            .await;
                     let stream = match accepted {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {

@@ -44,7 +44,11 @@ impl SiteResolver {
 
     /// `None` or an empty value means the local site, as when the parameter is omitted.
     /// `from_peer` is the site a request came from over the peer link, if it did.
-    pub fn resolve(&self, site: Option<&str>, from_peer: Option<&SiteName>) -> Result<Route, ApiError> {
+    pub fn resolve(
+        &self,
+        site: Option<&str>,
+        from_peer: Option<&SiteName>,
+    ) -> Result<Route, ApiError> {
         match site {
             None | Some("") => Ok(Route::Local),
             Some(name) if name == self.local.as_str() => Ok(Route::Local),
@@ -112,7 +116,11 @@ mod tests {
                 .resolve(*input, *origin)
                 .map(|route| assert!(matches!(route, Route::Local)))
                 .map_err(|e| e.envelope().code);
-            assert_eq!(got.map_err(|c| c.to_string()), want.map_err(str::to_string), "{input:?}");
+            assert_eq!(
+                got.map_err(|c| c.to_string()),
+                want.map_err(str::to_string),
+                "{input:?}"
+            );
         }
     }
 }

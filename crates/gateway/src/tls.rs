@@ -202,7 +202,12 @@ impl PeerTls {
     /// Re-reads the files; on failure the old configuration stays in force.
     pub fn reload(&self) -> Result<(), TlsError> {
         let _guard = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        let loaded = build(&self.files, self.local(), self.peer_names(), self.observer.clone())?;
+        let loaded = build(
+            &self.files,
+            self.local(),
+            self.peer_names(),
+            self.observer.clone(),
+        )?;
         self.current.store(Arc::new(loaded));
         Ok(())
     }
@@ -254,7 +259,9 @@ impl ClientCertVerifier for PeerSiteVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let claimed = identify(end_entity, &self.peers);
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now);
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now);
         match (&claimed, &verified) {
             (Some(site), Ok(_)) => self.observer.incoming_handshake(site, Ok(())),
             (Some(site), Err(e)) => self.observer.incoming_handshake(site, Err(e.to_string())),
@@ -350,12 +357,18 @@ mod tests {
             std::io::ErrorKind::InvalidData,
             rustls::Error::AlertReceived(AlertDescription::UnknownCA),
         );
-        assert_eq!(handshake_refusal(&io), Some(HandshakeRefusal::PeerRefusedUs));
+        assert_eq!(
+            handshake_refusal(&io),
+            Some(HandshakeRefusal::PeerRefusedUs)
+        );
         let io = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
         );
-        assert_eq!(handshake_refusal(&io), Some(HandshakeRefusal::WeRefusedPeer));
+        assert_eq!(
+            handshake_refusal(&io),
+            Some(HandshakeRefusal::WeRefusedPeer)
+        );
         let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(handshake_refusal(&plain), None);
     }

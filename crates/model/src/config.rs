@@ -326,16 +326,26 @@ impl SiteConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         let l = &self.limits;
         if l.max_body_bytes < 1024 {
-            return Err(ModelError::invalid("limits.max_body_bytes must be at least 1024"));
+            return Err(ModelError::invalid(
+                "limits.max_body_bytes must be at least 1024",
+            ));
         }
         for (name, v) in [
             ("limits.request_timeout_secs", l.request_timeout_secs),
-            ("limits.header_read_timeout_secs", l.header_read_timeout_secs),
-            ("auth.session_idle_timeout_secs", self.auth.session_idle_timeout_secs),
+            (
+                "limits.header_read_timeout_secs",
+                l.header_read_timeout_secs,
+            ),
+            (
+                "auth.session_idle_timeout_secs",
+                self.auth.session_idle_timeout_secs,
+            ),
             ("auth.session_max_age_secs", self.auth.session_max_age_secs),
         ] {
             if v == 0 {
-                return Err(ModelError::invalid(format!("{name} must be greater than 0")));
+                return Err(ModelError::invalid(format!(
+                    "{name} must be greater than 0"
+                )));
             }
         }
         let p = &self.peering;
@@ -346,7 +356,9 @@ impl SiteConfig {
             || p.probe_interval_ms == 0
             || p.tls_reload_interval_secs == 0
         {
-            return Err(ModelError::invalid("every [peering] value must be greater than 0"));
+            return Err(ModelError::invalid(
+                "every [peering] value must be greater than 0",
+            ));
         }
         if l.max_concurrent_requests == 0 || l.max_connections == 0 {
             return Err(ModelError::invalid(

@@ -17,7 +17,10 @@ pub const MAX_QUERY_LEN: usize = 64 * 1024;
 
 /// Splits a raw query string into decoded pairs, refusing names not in `allowed` and names
 /// given twice, so a typo (`stat=RUNNING`) is an error and not a silently ignored filter.
-pub fn parse_pairs(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ModelError> {
+pub fn parse_pairs(
+    raw: Option<&str>,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, ModelError> {
     let raw = raw.unwrap_or("");
     if raw.len() > MAX_QUERY_LEN {
         return Err(ModelError::invalid("the query string is too long"));
@@ -46,7 +49,10 @@ pub fn parse_pairs(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, S
 
 /// The query of an endpoint that takes only `site` (`GET /tasks/{id}`, `POST /tasks/poll`).
 pub fn parse_site_only(raw: Option<&str>) -> Result<Option<String>, ModelError> {
-    Ok(parse_pairs(raw, &["site"])?.into_iter().next().map(|(_, v)| v))
+    Ok(parse_pairs(raw, &["site"])?
+        .into_iter()
+        .next()
+        .map(|(_, v)| v))
 }
 
 /// A field `GET /tasks` can sort by.
@@ -242,13 +248,27 @@ fn form_urlencoded_pairs(q: &TaskQuery) -> Vec<(String, String)> {
         push("site", s.clone());
     }
     if !q.ids.is_empty() {
-        push("ids", q.ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(","));
+        push(
+            "ids",
+            q.ids
+                .iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        );
     }
     if let Some(u) = &q.user {
         push("user", u.clone());
     }
     if !q.states.is_empty() {
-        push("state", q.states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","));
+        push(
+            "state",
+            q.states
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
     }
     for (k, v) in [
         ("type", &q.workflow_type),
@@ -306,15 +326,12 @@ fn parse_ids(raw: &str) -> Result<Vec<Uuid>, ModelError> {
 }
 
 fn parse_time(name: &str, raw: &str) -> Result<EpochMillis, ModelError> {
-    raw.parse::<i64>()
-        .ok()
-        .filter(|t| *t >= 0)
-        .ok_or_else(|| {
-            ModelError::invalid(format!(
-                "{name} must be a time in epoch milliseconds (a non-negative integer), not '{}'",
-                echo(raw)
-            ))
-        })
+    raw.parse::<i64>().ok().filter(|t| *t >= 0).ok_or_else(|| {
+        ModelError::invalid(format!(
+            "{name} must be a time in epoch milliseconds (a non-negative integer), not '{}'",
+            echo(raw)
+        ))
+    })
 }
 
 fn parse_limit(raw: &str) -> Result<u32, ModelError> {
@@ -349,7 +366,13 @@ mod tests {
         let q = TaskQuery::parse(None).unwrap();
         assert_eq!(q.limit, 100);
         assert_eq!(q.offset, 0);
-        assert_eq!(q.sort, vec![SortKey { field: SortField::StartTime, descending: true }]);
+        assert_eq!(
+            q.sort,
+            vec![SortKey {
+                field: SortField::StartTime,
+                descending: true
+            }]
+        );
     }
 
     #[test]
@@ -366,8 +389,14 @@ mod tests {
         assert_eq!(
             q.sort,
             vec![
-                SortKey { field: SortField::User, descending: false },
-                SortKey { field: SortField::StartTime, descending: true }
+                SortKey {
+                    field: SortField::User,
+                    descending: false
+                },
+                SortKey {
+                    field: SortField::StartTime,
+                    descending: true
+                }
             ]
         );
         assert_eq!(q.start_time_after, Some(5));
@@ -408,7 +437,10 @@ mod tests {
 
     #[test]
     fn site_only() {
-        assert_eq!(parse_site_only(Some("site=site1")).unwrap().as_deref(), Some("site1"));
+        assert_eq!(
+            parse_site_only(Some("site=site1")).unwrap().as_deref(),
+            Some("site1")
+        );
         assert_eq!(parse_site_only(None).unwrap(), None);
         assert!(parse_site_only(Some("limit=1")).is_err());
     }

@@ -171,10 +171,16 @@ impl UsersFile {
         for u in &self.users {
             validate_user_name(&u.name)?;
             if !seen.insert(u.name.as_str()) {
-                return Err(ModelError::invalid(format!("user '{}' is listed twice", u.name)));
+                return Err(ModelError::invalid(format!(
+                    "user '{}' is listed twice",
+                    u.name
+                )));
             }
             if u.roles.is_empty() {
-                return Err(ModelError::invalid(format!("user '{}' has no role", u.name)));
+                return Err(ModelError::invalid(format!(
+                    "user '{}' has no role",
+                    u.name
+                )));
             }
             if !u.password_hash.starts_with("$argon2") {
                 return Err(ModelError::invalid(format!(
@@ -213,7 +219,9 @@ mod tests {
         let d = SessionDetails {
             user: "alice".into(),
             roles: vec![Role::User],
-            authenticated_sites: vec![AuthenticatedSite { site: "site1".into() }],
+            authenticated_sites: vec![AuthenticatedSite {
+                site: "site1".into(),
+            }],
         };
         assert_eq!(
             serde_json::to_value(&d).unwrap(),
@@ -234,7 +242,11 @@ mod tests {
         assert_eq!(m.site(), "site3");
         assert!(serde_json::from_str::<ExtendRequest>(r#"{"type":"multisite"}"#).is_err());
         assert!(serde_json::from_str::<ExtendRequest>(r#"{"type":"x","site":"a"}"#).is_err());
-        let r = RemoteSession { site: "s".into(), user: "u".into(), token: "tok123".into() };
+        let r = RemoteSession {
+            site: "s".into(),
+            user: "u".into(),
+            token: "tok123".into(),
+        };
         assert!(!format!("{r:?}").contains("tok123"));
     }
 

@@ -142,7 +142,10 @@ pub struct PollResponse {
 impl PollResponse {
     pub fn from_tasks<'a>(tasks: impl IntoIterator<Item = &'a Task>) -> Self {
         PollResponse {
-            property_names: POLL_PROPERTY_NAMES.iter().map(|s| (*s).to_owned()).collect(),
+            property_names: POLL_PROPERTY_NAMES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             values: tasks.into_iter().map(Task::poll_row).collect(),
         }
     }
@@ -438,19 +441,89 @@ mod tests {
     fn patch_validation_table() {
         let err = || ErrorEnvelope::new(crate::ErrorCode::GeneralServerFailure, "boom", vec![]);
         let cases: Vec<(TaskPatch, bool)> = vec![
-            (TaskPatch { progress: Some(50), ..Default::default() }, true),
-            (TaskPatch { progress: Some(101), ..Default::default() }, false),
-            (TaskPatch { progress: Some(-1), ..Default::default() }, false),
-            (TaskPatch { state: Some(TaskState::Succeeded), result_type: Some("s".into()),
-                         result: Some(json!(1)), ..Default::default() }, true),
-            (TaskPatch { state: Some(TaskState::Succeeded), error: Some(err()), ..Default::default() }, false),
-            (TaskPatch { state: Some(TaskState::Failed), error: Some(err()), ..Default::default() }, true),
-            (TaskPatch { state: Some(TaskState::Failed), ..Default::default() }, false),
-            (TaskPatch { state: Some(TaskState::Failed), error: Some(err()), result: Some(json!(1)),
-                         ..Default::default() }, false),
-            (TaskPatch { result: Some(json!(1)), ..Default::default() }, false),
-            (TaskPatch { warnings: Some(vec![err()]), ..Default::default() }, true),
-            (TaskPatch { warnings: Some(vec![err(); 101]), ..Default::default() }, false),
+            (
+                TaskPatch {
+                    progress: Some(50),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                TaskPatch {
+                    progress: Some(101),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                TaskPatch {
+                    progress: Some(-1),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                TaskPatch {
+                    state: Some(TaskState::Succeeded),
+                    result_type: Some("s".into()),
+                    result: Some(json!(1)),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                TaskPatch {
+                    state: Some(TaskState::Succeeded),
+                    error: Some(err()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                TaskPatch {
+                    state: Some(TaskState::Failed),
+                    error: Some(err()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                TaskPatch {
+                    state: Some(TaskState::Failed),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                TaskPatch {
+                    state: Some(TaskState::Failed),
+                    error: Some(err()),
+                    result: Some(json!(1)),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                TaskPatch {
+                    result: Some(json!(1)),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                TaskPatch {
+                    warnings: Some(vec![err()]),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                TaskPatch {
+                    warnings: Some(vec![err(); 101]),
+                    ..Default::default()
+                },
+                false,
+            ),
         ];
         for (i, (patch, ok)) in cases.into_iter().enumerate() {
             assert_eq!(patch.validate().is_ok(), ok, "case {i}");
@@ -460,7 +533,10 @@ mod tests {
     #[test]
     fn patch_rejects_unknown_fields() {
         assert!(serde_json::from_str::<TaskPatch>(r#"{"progres":5}"#).is_err());
-        assert!(serde_json::from_str::<NewTask>(r#"{"user":"a","workflowInfo":{"type":"t"},"x":1}"#).is_err());
+        assert!(serde_json::from_str::<NewTask>(
+            r#"{"user":"a","workflowInfo":{"type":"t"},"x":1}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use sitegate_model::config::{
-    PeeringConfig,
-    AuthConfig, LimitsConfig, ListenConfig, LogConfig, SiteConfig, SiteSection, StoreConfig,
+    AuthConfig, LimitsConfig, ListenConfig, LogConfig, PeeringConfig, SiteConfig, SiteSection,
+    StoreConfig,
 };
 use sitegate_model::session::{Role, UserEntry, UsersFile};
 use sitegate_model::site::SiteName;
@@ -154,11 +154,19 @@ mod tests {
         assert_eq!(c.store.path, dir.path().join("d"));
         assert_eq!(c.limits.max_body_bytes, 1 << 20);
 
-        std::fs::write(&path, "[site]\nname = \"site1\"\nbogus = 1\n[auth]\nusers_file = \"u\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[site]\nname = \"site1\"\nbogus = 1\n[auth]\nusers_file = \"u\"\n",
+        )
+        .unwrap();
         let err = load(&path).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
 
-        std::fs::write(&path, "[site]\nname = \"bad name\"\n[auth]\nusers_file = \"u\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[site]\nname = \"bad name\"\n[auth]\nusers_file = \"u\"\n",
+        )
+        .unwrap();
         assert!(load(&path).is_err());
     }
 }

@@ -95,6 +95,7 @@ fn print_intro(args: &DemoArgs, apps: &[sitegate_gateway::Application]) {
         .first()
         .map(|a| a.client_addr().to_string())
         .unwrap_or_default();
+    let remote = apps.get(1).map(|a| a.site_name().to_owned()).unwrap_or_default();
     println!(
         "Users at every site: admin, alice, bob, svc; password: {pw}\n\n\
          Try:\n  \
@@ -102,6 +103,9 @@ fn print_intro(args: &DemoArgs, apps: &[sitegate_gateway::Application]) {
          -d '{{\"type\":\"localUser\",\"localUser\":\"alice\",\"localPassword\":\"{pw}\"}}' \\\n      \
          | awk -F': ' 'tolower($1)==\"x-vcav-auth\"{{print $2}}' | tr -d '\\r')\n  \
          curl -s -H \"X-VCAV-Auth: $TOKEN\" 'http://{base}/tasks?state=RUNNING'\n  \
+         # read {remote}'s tasks through this site: extend the session, then name the site\n  \
+         curl -s -H \"X-VCAV-Auth: $TOKEN\" -X POST http://{base}/sessions/extend -d '{{\"type\":\"multisite\",\"site\":\"{remote}\"}}'\n  \
+         curl -s -H \"X-VCAV-Auth: $TOKEN\" 'http://{base}/tasks?site={remote}&state=RUNNING'\n  \
          curl -s -H \"X-VCAV-Auth: $TOKEN\" http://{base}/sites\n\n\
          Task progress is printed below; Ctrl-C stops the demo.",
         pw = args.password
@@ -118,7 +122,7 @@ async fn simulate_service(store: Arc<dyn Store>, site: String) {
         tick.tick().await;
         if running.len() < 3 {
             n += 1;
-            let user = if n % 2 == 0 { "alice" } else { "bob" };
+            let user = if n.is_multiple_of(2) { "alice" } else { "bob" };
             let kind = ["replication-sync", "failover", "pairing"][(n % 3) as usize];
             let new = NewTask {
                 id: None,
@@ -137,7 +141,9 @@ async fn simulate_service(store: Arc<dyn Store>, site: String) {
         }
         let mut still_running = Vec::new();
         for id in running.drain(..) {
-            let Ok(Some(task)) = store.get_task(id).await else { continue };
+            let Ok(Some(task)) = store.get_task(id).await else {
+                continue;
+            };
             let step: u8 = rand::thread_rng().gen_range(5..25);
             let progress = task.progress.saturating_add(step).min(100);
             let mut patch = TaskPatch {
@@ -159,7 +165,9 @@ async fn simulate_service(store: Arc<dyn Store>, site: String) {
                     patch.result = Some(serde_json::json!("synchronised"));
                 }
             }
-            let Ok(valid) = patch.validate() else { continue };
+            let Ok(valid) = patch.validate() else {
+                continue;
+            };
             match store.update_task(id, valid).await {
                 Ok(t) => {
                     println!(

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use rand::Rng;
 use sitegate_model::config::{
-    PeeringConfig,
-    AuthConfig, LimitsConfig, ListenConfig, LogConfig, LogFormat, PeerConfig, SiteConfig,
-    SiteSection, StoreBackend, StoreConfig, TlsConfig,
+    AuthConfig, LimitsConfig, ListenConfig, LogConfig, LogFormat, PeerConfig, PeeringConfig,
+    SiteConfig, SiteSection, StoreBackend, StoreConfig, TlsConfig,
 };
 use sitegate_model::site::SiteName;
 
@@ -157,7 +156,11 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
 
 /// What `init` tells the user it did.
 pub fn summary(args: &InitArgs, dir: &Path) -> String {
-    let mut s = format!("Wrote a federation of {} site(s) to {}:\n", args.sites.len(), dir.display());
+    let mut s = format!(
+        "Wrote a federation of {} site(s) to {}:\n",
+        args.sites.len(),
+        dir.display()
+    );
     for (k, name) in args.sites.iter().enumerate() {
         let client = usize::from(args.base_port) + 2 * k;
         let _ = writeln!(

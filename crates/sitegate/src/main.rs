@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sitegate", version, about = "Multi-site task federation gateway")]
+#[command(
+    name = "sitegate",
+    version,
+    about = "Multi-site task federation gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +70,10 @@ fn pki(command: PkiCommand) -> Result<(), String> {
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
             if key.exists() {
-                return Err(format!("{} exists; refusing to overwrite a CA key", key.display()));
+                return Err(format!(
+                    "{} exists; refusing to overwrite a CA key",
+                    key.display()
+                ));
             }
             let ca = pki::new_authority(&name)?;
             std::fs::write(&cert, &ca.pem.cert).map_err(|e| format!("{}: {e}", cert.display()))?;
@@ -90,16 +97,24 @@ fn pki(command: PkiCommand) -> Result<(), String> {
             let ca = pki::load_authority(&read("ca.pem")?, &read("ca.key")?)?;
             let issued = pki::issue_site_certificate(&ca, site.as_str(), days)?;
             std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
-            let (cert, key) = (out_dir.join(format!("{site}.pem")), out_dir.join(format!("{site}.key")));
+            let (cert, key) = (
+                out_dir.join(format!("{site}.pem")),
+                out_dir.join(format!("{site}.key")),
+            );
             // Key first, certificate last: a site reloading on the certificate's change then
             // finds a matching key already in place.
             let tmp_key = out_dir.join(format!(".{site}.key.new"));
             let tmp_cert = out_dir.join(format!(".{site}.pem.new"));
             init::write_private(&tmp_key, &issued.key)?;
-            std::fs::write(&tmp_cert, &issued.cert).map_err(|e| format!("{}: {e}", tmp_cert.display()))?;
+            std::fs::write(&tmp_cert, &issued.cert)
+                .map_err(|e| format!("{}: {e}", tmp_cert.display()))?;
             std::fs::rename(&tmp_key, &key).map_err(|e| format!("{}: {e}", key.display()))?;
             std::fs::rename(&tmp_cert, &cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-            println!("Wrote {} and {} for site '{site}', valid {days} days", cert.display(), key.display());
+            println!(
+                "Wrote {} and {} for site '{site}', valid {days} days",
+                cert.display(),
+                key.display()
+            );
         }
     }
     Ok(())

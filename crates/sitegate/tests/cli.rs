@@ -36,7 +36,10 @@ async fn init_writes_a_ready_federation() {
     assert_eq!(mode(&ca_key), 0o600, "ca.key mode");
     for site in ["site1", "site2"] {
         let cert = read(&dir.join(format!("{site}.pem")));
-        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"), "{site}.pem");
+        assert!(
+            cert.starts_with("-----BEGIN CERTIFICATE-----"),
+            "{site}.pem"
+        );
         let key = dir.join(format!("{site}.key"));
         assert!(read(&key).contains("PRIVATE KEY"), "{site}.key");
         assert_eq!(mode(&key), 0o600, "{site}.key mode");
@@ -62,11 +65,26 @@ async fn init_writes_a_ready_federation() {
     let site2 = read(&dir.join("site2.toml"));
     assert!(site1.contains("\"site1\"") && site2.contains("\"site2\""));
     assert!(site1.contains(&format!("\"127.0.0.1:{p}\"")), "{site1}");
-    assert!(site1.contains(&format!("\"127.0.0.1:{}\"", p + 1)), "{site1}");
-    assert!(site1.contains(&format!("https://127.0.0.1:{}", p + 3)), "{site1}");
-    assert!(site2.contains(&format!("\"127.0.0.1:{}\"", p + 2)), "{site2}");
-    assert!(site2.contains(&format!("\"127.0.0.1:{}\"", p + 3)), "{site2}");
-    assert!(site2.contains(&format!("https://127.0.0.1:{}", p + 1)), "{site2}");
+    assert!(
+        site1.contains(&format!("\"127.0.0.1:{}\"", p + 1)),
+        "{site1}"
+    );
+    assert!(
+        site1.contains(&format!("https://127.0.0.1:{}", p + 3)),
+        "{site1}"
+    );
+    assert!(
+        site2.contains(&format!("\"127.0.0.1:{}\"", p + 2)),
+        "{site2}"
+    );
+    assert!(
+        site2.contains(&format!("\"127.0.0.1:{}\"", p + 3)),
+        "{site2}"
+    );
+    assert!(
+        site2.contains(&format!("https://127.0.0.1:{}", p + 1)),
+        "{site2}"
+    );
     for (k, site) in ["site1", "site2"].iter().enumerate() {
         assert!(
             fed.init_stdout
@@ -157,7 +175,10 @@ async fn serve_with_a_missing_config_fails() {
     cmd.arg("serve").arg("--config").arg(&missing);
     let out = support::run_with_deadline(cmd, Duration::from_secs(30));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "serve without its config file started");
+    assert!(
+        !out.status.success(),
+        "serve without its config file started"
+    );
     assert!(stderr.contains("missing.toml"), "stderr: {stderr}");
     // Nothing was created in its place.
     assert!(!missing.exists());
@@ -175,7 +196,11 @@ async fn sigterm_stops_serve_cleanly() {
 
     let started = Instant::now();
     let status = site.terminate().await;
-    assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "shutdown took {:?}",
@@ -279,7 +304,8 @@ async fn demo_runs_tasks_that_make_progress() {
     // The progress lines are printed too.
     let out = demo.stdout();
     assert!(
-        out.lines().any(|l| l.starts_with("site1") && l.contains('%')),
+        out.lines()
+            .any(|l| l.starts_with("site1") && l.contains('%')),
         "no progress lines in the demo's output: {out}"
     );
     let users_seen: Vec<Value> = site

@@ -131,7 +131,10 @@ async fn verify(site: &Site, token: &str, ledger: &Ledger) -> usize {
                 .map(|n| (*n).to_owned())
                 .zip(row.as_array().expect("row").iter().cloned())
                 .collect();
-            found.insert(support::id_of(&Value::Object(obj.clone())), Value::Object(obj));
+            found.insert(
+                support::id_of(&Value::Object(obj.clone())),
+                Value::Object(obj),
+            );
         }
     }
     let mut lost = Vec::new();
@@ -165,7 +168,11 @@ async fn verify(site: &Site, token: &str, ledger: &Ledger) -> usize {
     // Nothing else is lost either: the list agrees with the poll.
     let r = site.get("/tasks?limit=0", Some(token)).await;
     let total = r.expect(200, None)["total"].as_u64().expect("total") as usize;
-    assert!(total >= acks.len(), "total {total} < acknowledged {}", acks.len());
+    assert!(
+        total >= acks.len(),
+        "total {total} < acknowledged {}",
+        acks.len()
+    );
     acks.len()
 }
 
@@ -218,7 +225,11 @@ async fn acknowledged_writes_survive_kill_9() {
             acked >= MIN_ACKED_WRITES,
             "round {round}: only {acked} writes were acknowledged in {MAX_RUN:?}"
         );
-        let refusals = ledger.refusals.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let refusals = ledger
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         assert!(refusals.is_empty(), "writes were refused: {refusals:?}");
 
         site.start().await;

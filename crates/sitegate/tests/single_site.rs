@@ -102,9 +102,7 @@ async fn sessions_login_details_logout_and_refusals() {
     let t2 = site.login("alice").await;
     assert_ne!(t1, t2, "two logins must give different tokens");
     site.get("/sessions", Some(&t1)).await.expect(200, None);
-    site.delete("/sessions", Some(&t1))
-        .await
-        .expect(204, None);
+    site.delete("/sessions", Some(&t1)).await.expect(204, None);
     site.get("/sessions", Some(&t1))
         .await
         .expect(401, Some("NotAuthenticated"));
@@ -168,16 +166,18 @@ async fn idle_sessions_expire() {
     let started = std::time::Instant::now();
     let site_ref = &site;
     let token_ref = token.as_str();
-    let expired = support::wait_for("the idle session to expire", Duration::from_secs(15), || {
-        async move {
+    let expired = support::wait_for(
+        "the idle session to expire",
+        Duration::from_secs(15),
+        || async move {
             let (site, token) = (site_ref, token_ref);
             let r = site.get("/sessions", Some(token)).await;
             match r.status {
                 200 => None,
                 _ => Some(r),
             }
-        }
-    })
+        },
+    )
     .await;
     expired.expect(401, Some("NotAuthenticated"));
     assert!(
@@ -315,7 +315,9 @@ async fn task_patches_and_final_states() {
     let path = format!("/tasks/{id}");
 
     // Progress.
-    let p = site.patch(&path, Some(&svc), &json!({"progress": 40})).await;
+    let p = site
+        .patch(&path, Some(&svc), &json!({"progress": 40}))
+        .await;
     let t1 = p.expect(200, None).clone();
     assert_eq!(t1["progress"], json!(40));
     assert_eq!(t1["state"], json!("RUNNING"));
@@ -325,7 +327,11 @@ async fn task_patches_and_final_states() {
 
     // Warnings are appended.
     let w1 = site
-        .patch(&path, Some(&svc), &json!({"warnings": [{"code": "W1", "msg": "m"}]}))
+        .patch(
+            &path,
+            Some(&svc),
+            &json!({"warnings": [{"code": "W1", "msg": "m"}]}),
+        )
         .await;
     let t2 = w1.expect(200, None).clone();
     assert_eq!(t2["warnings"].as_array().map(Vec::len), Some(1));
@@ -434,13 +440,21 @@ async fn task_patches_and_final_states() {
     // Unknown and malformed IDs.
     let missing = uuid::Uuid::new_v4();
     let r = site
-        .patch(&format!("/tasks/{missing}"), Some(&svc), &json!({"progress": 5}))
+        .patch(
+            &format!("/tasks/{missing}"),
+            Some(&svc),
+            &json!({"progress": 5}),
+        )
         .await;
     r.expect(404, Some("TaskNotFound"));
     for bad in ["not-a-uuid", "12345", "F61D60D2698A46DCA26688DF27644956"] {
-        site.patch(&format!("/tasks/{bad}"), Some(&svc), &json!({"progress": 5}))
-            .await
-            .expect(400, Some("BadUserInput"));
+        site.patch(
+            &format!("/tasks/{bad}"),
+            Some(&svc),
+            &json!({"progress": 5}),
+        )
+        .await
+        .expect(400, Some("BadUserInput"));
     }
 }
 
@@ -597,7 +611,11 @@ async fn check_list(site: &Site, query: String, token: String, expected: Vec<Val
         .map(String::as_str)
         .collect();
     assert_eq!(keys, HashSet::from(["items", "total"]), "{query}: {body}");
-    assert_eq!(body["total"], json!(expected.len()), "total of /tasks{query}");
+    assert_eq!(
+        body["total"],
+        json!(expected.len()),
+        "total of /tasks{query}"
+    );
     assert_eq!(
         ids(&items(&body)),
         default_order(expected),
@@ -751,13 +769,12 @@ async fn task_list_filters_sorting_and_paging() {
         matching(&all, ended),
     )
     .await;
-    check(
-        format!("?endTimeAfter={far_future}"),
-        admin.clone(),
-        vec![],
-    )
-    .await;
-    let mut ends: Vec<i64> = all.iter().filter(|t| ended(t)).map(|t| int(t, "endTime")).collect();
+    check(format!("?endTimeAfter={far_future}"), admin.clone(), vec![]).await;
+    let mut ends: Vec<i64> = all
+        .iter()
+        .filter(|t| ended(t))
+        .map(|t| int(t, "endTime"))
+        .collect();
     ends.sort_unstable();
     let end_mid = ends[ends.len() / 2];
     check(
@@ -786,9 +803,7 @@ async fn task_list_filters_sorting_and_paging() {
         let got = ids(&items(r.expect(200, None)));
         assert_eq!(got, sorted(desc), "{query}");
     }
-    let r = site
-        .get("/tasks?sort=user,-progress", Some(&admin))
-        .await;
+    let r = site.get("/tasks?sort=user,-progress", Some(&admin)).await;
     let got = items(r.expect(200, None));
     let mut expected = all.clone();
     expected.sort_by(|a, b| {
@@ -809,7 +824,11 @@ async fn task_list_filters_sorting_and_paging() {
             .get(&format!("/tasks?limit=3&offset={offset}"), Some(&admin))
             .await;
         let body = r.expect(200, None);
-        assert_eq!(body["total"], json!(whole.len()), "total at offset {offset}");
+        assert_eq!(
+            body["total"],
+            json!(whole.len()),
+            "total at offset {offset}"
+        );
         let page = ids(&items(body));
         assert!(page.len() <= 3);
         paged.extend(page);
@@ -1104,7 +1123,11 @@ async fn media_types_follow_the_accept_header() {
         }
         let plain = support::send(rb).await;
         assert_eq!(plain.status, status);
-        assert_eq!(ct(&plain), "application/json", "{path} with application/json");
+        assert_eq!(
+            ct(&plain),
+            "application/json",
+            "{path} with application/json"
+        );
 
         let mut rb = site.request(Method::GET, path);
         if let Some(t) = token {
@@ -1122,7 +1145,9 @@ async fn oversized_and_deeply_nested_bodies_are_refused() {
     let svc = site.login("svc").await;
 
     // About 2 MiB of JSON.
-    let big: Vec<String> = (0..58_000).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let big: Vec<String> = (0..58_000)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
     let big = serde_json::to_string(&big).expect("json");
     assert!(big.len() > 2_000_000);
     let r = support::send(
@@ -1151,9 +1176,7 @@ async fn oversized_and_deeply_nested_bodies_are_refused() {
         .create_task(&svc, &new_task("alice", "sync", "vm", "vm-1", "web"))
         .await;
     let path = format!("/tasks/{}", id_of(&task));
-    let patch = format!(
-        "{{\"state\":\"SUCCEEDED\",\"resultType\":\"json\",\"result\":{nested}}}"
-    );
+    let patch = format!("{{\"state\":\"SUCCEEDED\",\"resultType\":\"json\",\"result\":{nested}}}");
     let r = support::send(
         site.request(Method::PATCH, &path)
             .header("X-VCAV-Auth", svc.clone())

@@ -55,12 +55,15 @@ pub struct EmbeddedStore {
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedStore").field("path", &self.path).finish()
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tasks (
     id            TEXT PRIMARY KEY,
     user          TEXT NOT NULL,
@@ -101,8 +104,8 @@ CREATE TABLE sessions (
 ) WITHOUT ROWID;
 CREATE INDEX sessions_last_seen ON sessions (last_seen);
 "#,
-// Sessions held at peers on the user's behalf (a JSON array of RemoteSession).
-r#"ALTER TABLE sessions ADD COLUMN extensions TEXT NOT NULL DEFAULT '[]';"#,
+    // Sessions held at peers on the user's behalf (a JSON array of RemoteSession).
+    r#"ALTER TABLE sessions ADD COLUMN extensions TEXT NOT NULL DEFAULT '[]';"#,
 ];
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -137,9 +140,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in directory `dir` and starts its threads.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Database(format!("cannot create {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(DB_FILE);
         let mut writer = open_connection(&path)?;
         migrate(&mut writer)?;
@@ -229,7 +231,11 @@ fn writer_loop(conn: Connection, jobs: Receiver<WriteJob>) {
             // A savepoint per job: a write that fails is undone alone, the batch goes on.
             let savepoint = conn.execute_batch("SAVEPOINT job");
             let (keep, complete) = job(savepoint.map(|()| &conn).map_err(StoreError::from));
-            let end = if keep { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+            let end = if keep {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
             let _ = conn.execute_batch(end);
             completions.push(complete);
         }
@@ -289,10 +295,9 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
 }
 
 fn select_task(conn: &Connection, id: Uuid) -> Result<Option<Task>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
-    Ok(stmt
-        .query_row([id.to_string()], task_from_row)
-        .optional()?)
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+    Ok(stmt.query_row([id.to_string()], task_from_row).optional()?)
 }
 
 fn insert_task(conn: &Connection, t: &Task) -> Result<(), StoreError> {
@@ -368,7 +373,10 @@ fn apply_patch(conn: &Connection, id: Uuid, patch: ValidPatch) -> Result<Task, S
         task.end_time,
         task.result_type,
         task.result.as_ref().map(json_text).transpose()?,
-        task.error.as_ref().map(json_text::<ErrorEnvelope>).transpose()?,
+        task.error
+            .as_ref()
+            .map(json_text::<ErrorEnvelope>)
+            .transpose()?,
         json_text(&task.warnings)?,
     ])?;
     Ok(task)
@@ -396,7 +404,11 @@ fn update_extensions(
 }
 
 fn roles_text(roles: &[Role]) -> String {
-    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn parse_roles(text: &str) -> Vec<Role> {
@@ -472,7 +484,11 @@ impl TaskStore for EmbeddedStore {
         self.write(move |conn| apply_patch(conn, id, patch)).await
     }
 
-    async fn query_tasks(&self, query: &TaskQuery, owner: Option<&str>) -> Result<TaskPage, StoreError> {
+    async fn query_tasks(
+        &self,
+        query: &TaskQuery,
+        owner: Option<&str>,
+    ) -> Result<TaskPage, StoreError> {
         let filter = sql::filter(query, owner);
         let order = sql::order_by(query);
         let limit = i64::from(query.limit);
@@ -538,7 +554,10 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
-    async fn get_session(&self, token_hash: TokenHash) -> Result<Option<SessionRecord>, StoreError> {
+    async fn get_session(
+        &self,
+        token_hash: TokenHash,
+    ) -> Result<Option<SessionRecord>, StoreError> {
         self.read(move |conn| {
             Ok(conn
                 .prepare_cached(
@@ -573,7 +592,11 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
-    async fn put_extension(&self, token_hash: TokenHash, remote: RemoteSession) -> Result<bool, StoreError> {
+    async fn put_extension(
+        &self,
+        token_hash: TokenHash,
+        remote: RemoteSession,
+    ) -> Result<bool, StoreError> {
         self.write(move |conn| {
             let Some(mut extensions) = select_extensions(conn, token_hash)? else {
                 return Ok(false);
@@ -616,7 +639,11 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
-    async fn purge_sessions(&self, idle_before: i64, created_before: i64) -> Result<u64, StoreError> {
+    async fn purge_sessions(
+        &self,
+        idle_before: i64,
+        created_before: i64,
+    ) -> Result<u64, StoreError> {
         self.write(move |conn| {
             let n = conn
                 .prepare_cached("DELETE FROM sessions WHERE last_seen < ?1 OR created < ?2")?

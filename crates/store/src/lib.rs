@@ -89,7 +89,11 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Filters, sorts and pages in the database. `owner`, when set, restricts the answer to
     /// that user's tasks (on top of any `user` filter in the query).
-    async fn query_tasks(&self, query: &TaskQuery, owner: Option<&str>) -> Result<TaskPage, StoreError>;
+    async fn query_tasks(
+        &self,
+        query: &TaskQuery,
+        owner: Option<&str>,
+    ) -> Result<TaskPage, StoreError>;
 
     /// Succeeds when the store can serve reads and writes.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -99,17 +103,34 @@ pub trait TaskStore: Send + Sync + 'static {
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     async fn create_session(&self, session: SessionRecord) -> Result<(), StoreError>;
-    async fn get_session(&self, token_hash: TokenHash) -> Result<Option<SessionRecord>, StoreError>;
-    async fn touch_session(&self, token_hash: TokenHash, now: EpochMillis) -> Result<(), StoreError>;
+    async fn get_session(&self, token_hash: TokenHash)
+        -> Result<Option<SessionRecord>, StoreError>;
+    async fn touch_session(
+        &self,
+        token_hash: TokenHash,
+        now: EpochMillis,
+    ) -> Result<(), StoreError>;
     /// Adds or replaces (per site) a remote session held by this session. Returns false when
     /// the session no longer exists.
-    async fn put_extension(&self, token_hash: TokenHash, remote: RemoteSession) -> Result<bool, StoreError>;
+    async fn put_extension(
+        &self,
+        token_hash: TokenHash,
+        remote: RemoteSession,
+    ) -> Result<bool, StoreError>;
     /// Drops the remote session held for `site`; returns the one dropped, if any.
-    async fn remove_extension(&self, token_hash: TokenHash, site: &str) -> Result<Option<RemoteSession>, StoreError>;
+    async fn remove_extension(
+        &self,
+        token_hash: TokenHash,
+        site: &str,
+    ) -> Result<Option<RemoteSession>, StoreError>;
     /// Returns whether a session was deleted.
     async fn delete_session(&self, token_hash: TokenHash) -> Result<bool, StoreError>;
     /// Deletes sessions idle since before `idle_before` or created before `created_before`.
-    async fn purge_sessions(&self, idle_before: EpochMillis, created_before: EpochMillis) -> Result<u64, StoreError>;
+    async fn purge_sessions(
+        &self,
+        idle_before: EpochMillis,
+        created_before: EpochMillis,
+    ) -> Result<u64, StoreError>;
     async fn count_sessions(&self) -> Result<u64, StoreError>;
 }
 

@@ -62,7 +62,11 @@ pub fn filter(q: &TaskQuery, owner: Option<&str>) -> Filter {
         clauses.push(format!("{column} IN ({})", marks.join(",")));
     };
     if !q.ids.is_empty() {
-        in_list("id", q.ids.iter().map(|i| i.to_string()).collect(), &mut clauses);
+        in_list(
+            "id",
+            q.ids.iter().map(|i| i.to_string()).collect(),
+            &mut clauses,
+        );
     }
     if !q.states.is_empty() {
         in_list(
@@ -80,7 +84,11 @@ pub fn filter(q: &TaskQuery, owner: Option<&str>) -> Filter {
     cmp("start_time < ?", q.start_time_before, &mut clauses);
     cmp("start_time > ?", q.start_time_after, &mut clauses);
     // A running task's endTime is -1: it has not ended before or after anything.
-    cmp("(end_time >= 0 AND end_time < ?)", q.end_time_before, &mut clauses);
+    cmp(
+        "(end_time >= 0 AND end_time < ?)",
+        q.end_time_before,
+        &mut clauses,
+    );
     cmp("end_time > ?", q.end_time_after, &mut clauses);
     let where_sql = if clauses.is_empty() {
         String::new()
@@ -115,7 +123,10 @@ mod tests {
 
     #[test]
     fn builds_parameterised_sql() {
-        let q = TaskQuery::parse(Some("state=RUNNING,FAILED&type=x'; DROP TABLE tasks;--&endTimeBefore=9&sort=progress-")).unwrap();
+        let q = TaskQuery::parse(Some(
+            "state=RUNNING,FAILED&type=x'; DROP TABLE tasks;--&endTimeBefore=9&sort=progress-",
+        ))
+        .unwrap();
         let f = filter(&q, Some("alice"));
         assert_eq!(
             f.where_sql,

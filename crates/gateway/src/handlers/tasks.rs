@@ -8,11 +8,11 @@ use axum::Json;
 use sitegate_model::query::{parse_site_only, TaskQuery};
 use sitegate_model::task::{parse_poll_ids, NewTask, PollResponse, Task, TaskList, TaskPatch};
 
+use super::forward::forward_read;
 use super::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Origin, RequestMeta, TaskIdPath};
-use super::forward::forward_read;
 use crate::sites::Route;
 
 /// `GET /tasks/{taskId}`. Another user's task is reported exactly like a missing one.
@@ -95,7 +95,16 @@ pub async fn poll(
             let body = serde_json::to_vec(&ids)
                 .map_err(|e| ApiError::Internal(format!("encoding poll IDs: {e}")))?;
             let path = "/tasks/poll".to_owned();
-            forward_read(&state, &caller, &peer, Method::POST, path, Some(body.into()), &meta).await
+            forward_read(
+                &state,
+                &caller,
+                &peer,
+                Method::POST,
+                path,
+                Some(body.into()),
+                &meta,
+            )
+            .await
         }
     }
 }

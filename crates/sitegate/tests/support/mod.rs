@@ -259,7 +259,11 @@ pub fn assert_envelope(value: &Value, code: &str) {
         .unwrap_or_else(|| panic!("error body is not a JSON object: {value}"));
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["args", "code", "msg", "stacktrace"], "envelope keys: {value}");
+    assert_eq!(
+        keys,
+        ["args", "code", "msg", "stacktrace"],
+        "envelope keys: {value}"
+    );
     assert_eq!(obj["code"], json!(code), "envelope code: {value}");
     assert_eq!(obj["stacktrace"], json!(""), "envelope stacktrace: {value}");
     assert!(obj["msg"].is_string(), "envelope msg: {value}");
@@ -288,7 +292,11 @@ impl Site {
 
     /// Starts `sitegate serve --config <config>` and waits until `/healthz` answers 200.
     pub async fn start(&mut self) {
-        assert!(self.child.is_none(), "site {} is already running", self.name);
+        assert!(
+            self.child.is_none(),
+            "site {} is already running",
+            self.name
+        );
         self.starts += 1;
         let stderr = std::fs::OpenOptions::new()
             .create(true)
