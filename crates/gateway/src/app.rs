@@ -47,6 +47,7 @@ fn routes() -> Router<AppState> {
         .route("/sites/{site}", get(sites::get))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
@@ -129,6 +130,8 @@ impl Application {
             StoreBackend::Embedded => Arc::new(EmbeddedStore::open(&config.store.path)?),
         };
         let users = Users::load(&config.auth.users_file)?;
+        // Installed before anything records, so early metrics are not lost.
+        crate::telemetry::metrics();
         let sessions = Arc::new(SessionManager::new(
             store.clone(),
             users,

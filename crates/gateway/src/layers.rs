@@ -59,34 +59,50 @@ pub async fn operation_id(
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let from_peer = req
         .extensions()
         .get::<PeerOrigin>()
         .map(|p| p.0.to_string())
         .unwrap_or_default();
-    let span = tracing::info_span!(
-        "request",
-        operation_id = %op,
-        site = %ctx.site,
-        method = %method,
-        path = %path,
-        from_peer,
+    let span = crate::telemetry::request_span(
+        req.headers(),
+        &op,
+        &ctx.site,
+        &format!("{method} {route}"),
+        &from_peer,
     );
     req.extensions_mut().insert(op.clone());
-    let mut response = match refusal {
-        Some(err) => span.in_scope(|| err.into_response()),
-        None => next.run(req).instrument(span.clone()).await,
+    let (mut response, target_site) = match refusal {
+        Some(err) => (span.in_scope(|| err.into_response()), None),
+        None => crate::telemetry::with_target_site(next.run(req).instrument(span.clone())).await,
     };
     if let Ok(value) = HeaderValue::from_str(op.as_str()) {
         response.headers_mut().insert(OPERATION_ID_HEADER, value);
     }
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    let target_site = target_site.unwrap_or_default();
+    span.record("http.response.status_code", status);
+    let labels = [
+        ("route", route),
+        ("method", method.to_string()),
+        ("status", status.to_string()),
+        ("target_site", target_site.clone()),
+    ];
+    metrics::counter!("sitegate_requests_total", &labels).increment(1);
+    metrics::histogram!("sitegate_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     span.in_scope(|| {
         tracing::info!(
             target: "sitegate::access",
-            status = response.status().as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
             client = client.map(|c| c.to_string()).unwrap_or_default(),
+            target_site,
             "{method} {path}",
         );
     });

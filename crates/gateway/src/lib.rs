@@ -18,6 +18,7 @@
 //! - [`sites`]: [`sites::SiteResolver`], which decides where a `site` is answered.
 //! - [`peer`]: [`peer::PeerClient`], requests over the peer link, circuit breaker, probes.
 //! - [`tls`]: the peer link's rustls configuration, reloadable; the only rustls user.
+//! - [`telemetry`]: trace context, OTLP export, JSON logs, metrics; the only OpenTelemetry user.
 //! - [`error`]: [`error::ApiError`] and [`error::GatewayError`].
 
 pub mod app;
@@ -29,6 +30,7 @@ pub mod layers;
 pub mod peer;
 pub mod server;
 pub mod sites;
+pub mod telemetry;
 pub mod tls;
 
 pub use app::Application;

@@ -22,6 +22,7 @@ use sitegate_model::site::{CircuitState, LinkInfo, SiteInfo, SiteName, SiteState
 use sitegate_model::{ErrorCode, ErrorEnvelope};
 use sitegate_store::now_millis;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use crate::tls::{handshake_refusal, HandshakeObserver, HandshakeRefusal, PeerTls};
 
@@ -152,6 +153,11 @@ impl Peer {
     }
 
     fn record_success(&self, round_trip: Duration) {
+        let peer = self.config.name.to_string();
+        metrics::gauge!("sitegate_peer_up", "peer" => peer.clone()).set(1.0);
+        metrics::gauge!("sitegate_peer_circuit_open", "peer" => peer.clone()).set(0.0);
+        metrics::histogram!("sitegate_peer_request_duration_seconds", "peer" => peer, "outcome" => "ok")
+            .record(round_trip.as_secs_f64());
         let mut h = self.health();
         h.consecutive_failures = 0;
         h.open_until = None;
@@ -160,7 +166,11 @@ impl Peer {
         h.round_trip_ms = Some(round_trip.as_secs_f64() * 1000.0);
     }
 
-    fn record_failure(&self, error: &PeerError, config: &PeeringConfig) {
+    fn record_failure(&self, error: &PeerError, config: &PeeringConfig, took: Duration) {
+        let peer = self.config.name.to_string();
+        metrics::gauge!("sitegate_peer_up", "peer" => peer.clone()).set(0.0);
+        metrics::histogram!("sitegate_peer_request_duration_seconds", "peer" => peer.clone(), "outcome" => error.code().as_str())
+            .record(took.as_secs_f64());
         let mut h = self.health();
         h.last_failure = Some(now_millis());
         h.last_error = Some(ErrorEnvelope::new(error.code(), error.message(), vec![]));
@@ -169,6 +179,7 @@ impl Peer {
             if h.consecutive_failures >= config.failure_threshold {
                 let was_closed = h.open_until.is_none();
                 h.open_until = Some(Instant::now() + Duration::from_secs(config.circuit_open_secs));
+                metrics::gauge!("sitegate_peer_circuit_open", "peer" => peer).set(1.0);
                 if was_closed {
                     tracing::warn!(peer = %self.config.name, "circuit opened: peer link marked down");
                 }
@@ -321,6 +332,25 @@ impl PeerClient {
     async fn exchange(
         &self,
         peer: &Peer,
+        mut request: Forward,
+        deadline: Option<Instant>,
+    ) -> Result<PeerResponse, PeerError> {
+        // The client span is the parent of the peer's server span: its context goes along.
+        let span = tracing::info_span!(
+            "peer.request",
+            otel.name = %format!("{} {}", request.method, request.path_and_query.split('?').next().unwrap_or("")),
+            otel.kind = "client",
+            peer = %peer.name(),
+        );
+        crate::telemetry::inject(&span, &mut request.headers);
+        self.exchange_in(peer, request, deadline)
+            .instrument(span)
+            .await
+    }
+
+    async fn exchange_in(
+        &self,
+        peer: &Peer,
         request: Forward,
         deadline: Option<Instant>,
     ) -> Result<PeerResponse, PeerError> {
@@ -346,7 +376,7 @@ impl PeerClient {
                     // A broken connection is not reused; the next request opens a new one.
                     *peer.connection.lock().await = None;
                 }
-                peer.record_failure(e, &self.config);
+                peer.record_failure(e, &self.config, started.elapsed());
             }
         }
         outcome

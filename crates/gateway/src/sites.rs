@@ -49,6 +49,15 @@ impl SiteResolver {
         site: Option<&str>,
         from_peer: Option<&SiteName>,
     ) -> Result<Route, ApiError> {
+        let route = self.decide(site, from_peer)?;
+        crate::telemetry::note_target_site(match &route {
+            Route::Local => self.local.as_str(),
+            Route::Peer(peer) => peer.name().as_str(),
+        });
+        Ok(route)
+    }
+
+    fn decide(&self, site: Option<&str>, from_peer: Option<&SiteName>) -> Result<Route, ApiError> {
         match site {
             None | Some("") => Ok(Route::Local),
             Some(name) if name == self.local.as_str() => Ok(Route::Local),

@@ -26,12 +26,57 @@ pub struct SiteConfig {
     /// The federation CA and this site's certificate; required once peers are configured.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Trace export (OpenTelemetry). Off unless an endpoint is set.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// How the peer link behaves: timeouts, circuit breaker, certificate reloads.
     #[serde(default)]
     pub peering: PeeringConfig,
     /// The sites this one is paired with.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies (`<endpoint>/v1/traces`).
+    Http,
+    /// OTLP/gRPC.
+    Grpc,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Where to send traces, e.g. `http://127.0.0.1:4318` (HTTP) or `http://127.0.0.1:4317`
+    /// (gRPC). Default: none (no export; trace IDs still appear in logs).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `http` or `grpc`. Default: `http`.
+    #[serde(default = "default_otlp_protocol")]
+    pub otlp_protocol: OtlpProtocol,
+    /// Share of new traces recorded, 0.0 to 1.0; a caller's sampled flag is followed
+    /// (parent-based). Default: 1.0.
+    #[serde(default = "default_sampling_ratio")]
+    pub sampling_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            otlp_protocol: default_otlp_protocol(),
+            sampling_ratio: default_sampling_ratio(),
+        }
+    }
+}
+
+fn default_otlp_protocol() -> OtlpProtocol {
+    OtlpProtocol::Http
+}
+fn default_sampling_ratio() -> f64 {
+    1.0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -348,6 +393,18 @@ impl SiteConfig {
                 )));
             }
         }
+        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
+            return Err(ModelError::invalid(
+                "telemetry.sampling_ratio must be between 0.0 and 1.0",
+            ));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ModelError::invalid(
+                    "telemetry.otlp_endpoint must start with http:// or https://",
+                ));
+            }
+        }
         let p = &self.peering;
         if p.connect_timeout_ms == 0
             || p.request_timeout_ms == 0
@@ -405,6 +462,7 @@ mod tests {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             tls: None,
+            telemetry: TelemetryConfig::default(),
             peering: PeeringConfig::default(),
             peers: vec![],
         }

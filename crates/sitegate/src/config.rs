@@ -7,7 +7,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use sitegate_model::config::{
     AuthConfig, LimitsConfig, ListenConfig, LogConfig, PeeringConfig, SiteConfig, SiteSection,
-    StoreConfig,
+    StoreConfig, TelemetryConfig,
 };
 use sitegate_model::session::{Role, UserEntry, UsersFile};
 use sitegate_model::site::SiteName;
@@ -111,6 +111,7 @@ pub fn dev_default() -> Result<SiteConfig, ConfigError> {
         limits: LimitsConfig::default(),
         log: LogConfig::default(),
         tls: None,
+        telemetry: TelemetryConfig::default(),
         peering: PeeringConfig::default(),
         peers: vec![],
     };

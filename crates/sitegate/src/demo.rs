@@ -38,12 +38,15 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     };
     crate::init::run(&init_args)?;
     std::fs::write(args.dir.join(MARKER), "").map_err(|e| e.to_string())?;
-    crate::logging::init(&sitegate_model::config::LogConfig {
-        format: sitegate_model::config::LogFormat::Text,
-        level: "warn".into(),
-    });
-
     crate::runtime()?.block_on(async move {
+        let _telemetry = sitegate_gateway::telemetry::init(
+            &sitegate_model::config::LogConfig {
+                format: sitegate_model::config::LogFormat::Text,
+                level: "warn".into(),
+            },
+            &sitegate_model::config::TelemetryConfig::default(),
+            "demo",
+        )?;
         let mut apps = Vec::new();
         for site in SITES {
             let path = args.dir.join(format!("{site}.toml"));
@@ -95,7 +98,10 @@ fn print_intro(args: &DemoArgs, apps: &[sitegate_gateway::Application]) {
         .first()
         .map(|a| a.client_addr().to_string())
         .unwrap_or_default();
-    let remote = apps.get(1).map(|a| a.site_name().to_owned()).unwrap_or_default();
+    let remote = apps
+        .get(1)
+        .map(|a| a.site_name().to_owned())
+        .unwrap_or_default();
     println!(
         "Users at every site: admin, alice, bob, svc; password: {pw}\n\n\
          Try:\n  \

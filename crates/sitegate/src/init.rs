@@ -8,7 +8,7 @@ use clap::Args;
 use rand::Rng;
 use sitegate_model::config::{
     AuthConfig, LimitsConfig, ListenConfig, LogConfig, LogFormat, PeerConfig, PeeringConfig,
-    SiteConfig, SiteSection, StoreBackend, StoreConfig, TlsConfig,
+    SiteConfig, SiteSection, StoreBackend, StoreConfig, TelemetryConfig, TlsConfig,
 };
 use sitegate_model::site::SiteName;
 
@@ -140,6 +140,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                 cert: format!("{name}.pem").into(),
                 key: format!("{name}.key").into(),
             }),
+            telemetry: TelemetryConfig::default(),
             peering: PeeringConfig::default(),
             peers,
         };

@@ -4,7 +4,6 @@
 mod config;
 mod demo;
 mod init;
-mod logging;
 mod pki;
 
 use std::path::PathBuf;
@@ -151,13 +150,19 @@ fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
         Some(path) => config::load(&path).map_err(|e| e.to_string())?,
         None => config::dev_default().map_err(|e| e.to_string())?,
     };
-    logging::init(&config.log);
     runtime()?.block_on(async move {
+        let telemetry = sitegate_gateway::telemetry::init(
+            &config.log,
+            &config.telemetry,
+            config.site.name.as_str(),
+        )?;
         let app = sitegate_gateway::Application::build(config)
             .await
             .map_err(|e| e.to_string())?;
-        tracing::info!(site = app.site_name(), client = %app.client_addr(), "serving");
-        app.run(shutdown_signal()).await.map_err(|e| e.to_string())
+        tracing::info!(site = app.site_name(), client = %app.client_addr(), peer_link = ?app.peer_addr(), "serving");
+        let result = app.run(shutdown_signal()).await.map_err(|e| e.to_string());
+        telemetry.shutdown();
+        result
     })
 }
 

@@ -24,6 +24,7 @@ use sitegate_model::task::{
 };
 use sitegate_model::{ErrorEnvelope, NOT_YET};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::sql::{self, TASK_COLUMNS};
@@ -175,6 +176,17 @@ impl EmbeddedStore {
     /// Runs `f` on the writer thread inside the next group commit; answers once it is durable.
     async fn write<R: Send + 'static>(
         &self,
+        op: &'static str,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let started = std::time::Instant::now();
+        let result = self.write_inner(f).instrument(store_span(op)).await;
+        record_latency(op, started);
+        result
+    }
+
+    async fn write_inner<R: Send + 'static>(
+        &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (tx, rx) = oneshot::channel();
@@ -198,6 +210,17 @@ impl EmbeddedStore {
     /// Runs `f` on a reader thread.
     async fn read<R: Send + 'static>(
         &self,
+        op: &'static str,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let started = std::time::Instant::now();
+        let result = self.read_inner(f).instrument(store_span(op)).await;
+        record_latency(op, started);
+        result
+    }
+
+    async fn read_inner<R: Send + 'static>(
+        &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (tx, rx) = oneshot::channel();
@@ -207,6 +230,21 @@ impl EmbeddedStore {
         self.reads.send(job).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// A span per store call, a child of whatever request made it.
+fn store_span(op: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "store",
+        otel.name = op,
+        db.system = "sqlite",
+        db.operation = op
+    )
+}
+
+fn record_latency(op: &'static str, started: std::time::Instant) {
+    metrics::histogram!("sitegate_store_operation_duration_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn writer_loop(conn: Connection, jobs: Receiver<WriteJob>) {
@@ -426,7 +464,7 @@ fn parse_roles(text: &str) -> Vec<Role> {
 impl TaskStore for EmbeddedStore {
     async fn create_task(&self, new: NewTask, site: &str) -> Result<CreateOutcome, StoreError> {
         let site = site.to_owned();
-        self.write(move |conn| {
+        self.write("create_task", move |conn| {
             let id = new.id.unwrap_or_else(Uuid::new_v4);
             if let Some(existing) = select_task(conn, id)? {
                 return if existing.user == new.user && existing.workflow_info == new.workflow_info {
@@ -460,13 +498,14 @@ impl TaskStore for EmbeddedStore {
     }
 
     async fn get_task(&self, id: Uuid) -> Result<Option<Task>, StoreError> {
-        self.read(move |conn| select_task(conn, id)).await
+        self.read("get_task", move |conn| select_task(conn, id))
+            .await
     }
 
     async fn get_tasks(&self, ids: &[Uuid], owner: Option<&str>) -> Result<Vec<Task>, StoreError> {
         let ids = ids.to_vec();
         let owner = owner.map(str::to_owned);
-        self.read(move |conn| {
+        self.read("get_tasks", move |conn| {
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(t) = select_task(conn, id)? {
@@ -481,7 +520,8 @@ impl TaskStore for EmbeddedStore {
     }
 
     async fn update_task(&self, id: Uuid, patch: ValidPatch) -> Result<Task, StoreError> {
-        self.write(move |conn| apply_patch(conn, id, patch)).await
+        self.write("update_task", move |conn| apply_patch(conn, id, patch))
+            .await
     }
 
     async fn query_tasks(
@@ -493,7 +533,7 @@ impl TaskStore for EmbeddedStore {
         let order = sql::order_by(query);
         let limit = i64::from(query.limit);
         let offset = query.offset as i64;
-        self.read(move |conn| {
+        self.read("query_tasks", move |conn| {
             // One read transaction, so `total` and `items` describe the same snapshot.
             conn.execute_batch("BEGIN")?;
             let result = (|| {
@@ -525,7 +565,7 @@ impl TaskStore for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|conn| {
+        self.read("ping", |conn| {
             conn.query_row("SELECT 1", [], |_| Ok(()))?;
             Ok(())
         })
@@ -536,7 +576,7 @@ impl TaskStore for EmbeddedStore {
 #[async_trait]
 impl SessionStore for EmbeddedStore {
     async fn create_session(&self, s: SessionRecord) -> Result<(), StoreError> {
-        self.write(move |conn| {
+        self.write("create_session", move |conn| {
             conn.prepare_cached(
                 "INSERT INTO sessions (token_hash, user, roles, created, last_seen, extensions)
                  VALUES (?1,?2,?3,?4,?5,?6)",
@@ -558,7 +598,7 @@ impl SessionStore for EmbeddedStore {
         &self,
         token_hash: TokenHash,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        self.read(move |conn| {
+        self.read("get_session", move |conn| {
             Ok(conn
                 .prepare_cached(
                     "SELECT user, roles, created, last_seen, extensions FROM sessions
@@ -582,7 +622,7 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn touch_session(&self, token_hash: TokenHash, now: i64) -> Result<(), StoreError> {
-        self.write(move |conn| {
+        self.write("touch_session", move |conn| {
             conn.prepare_cached(
                 "UPDATE sessions SET last_seen = MAX(last_seen, ?2) WHERE token_hash = ?1",
             )?
@@ -597,7 +637,7 @@ impl SessionStore for EmbeddedStore {
         token_hash: TokenHash,
         remote: RemoteSession,
     ) -> Result<bool, StoreError> {
-        self.write(move |conn| {
+        self.write("put_extension", move |conn| {
             let Some(mut extensions) = select_extensions(conn, token_hash)? else {
                 return Ok(false);
             };
@@ -615,7 +655,7 @@ impl SessionStore for EmbeddedStore {
         site: &str,
     ) -> Result<Option<RemoteSession>, StoreError> {
         let site = site.to_owned();
-        self.write(move |conn| {
+        self.write("remove_extension", move |conn| {
             let Some(mut extensions) = select_extensions(conn, token_hash)? else {
                 return Ok(None);
             };
@@ -630,7 +670,7 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn delete_session(&self, token_hash: TokenHash) -> Result<bool, StoreError> {
-        self.write(move |conn| {
+        self.write("delete_session", move |conn| {
             let n = conn
                 .prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
                 .execute([&token_hash[..]])?;
@@ -644,7 +684,7 @@ impl SessionStore for EmbeddedStore {
         idle_before: i64,
         created_before: i64,
     ) -> Result<u64, StoreError> {
-        self.write(move |conn| {
+        self.write("purge_sessions", move |conn| {
             let n = conn
                 .prepare_cached("DELETE FROM sessions WHERE last_seen < ?1 OR created < ?2")?
                 .execute(params![idle_before, created_before])?;
@@ -654,7 +694,7 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn count_sessions(&self) -> Result<u64, StoreError> {
-        self.read(|conn| {
+        self.read("count_sessions", |conn| {
             let n: i64 = conn.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?;
             Ok(n as u64)
         })

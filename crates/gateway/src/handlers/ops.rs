@@ -12,6 +12,27 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Prometheus text format. Session count is read at scrape time, so it is right on every
+/// replica sharing the store.
+pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match state.store.count_sessions().await {
+        Ok(n) => metrics::gauge!("sitegate_sessions_active").set(n as f64),
+        Err(e) => tracing::warn!(error = %e, "metrics: could not count sessions"),
+    }
+    let body = crate::telemetry::metrics()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 /// Ready: not draining and the store answers.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.readiness.is_draining() {

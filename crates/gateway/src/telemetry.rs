@@ -1,0 +1,433 @@
+//! Traces, logs and metrics; the only module that touches OpenTelemetry.
+//!
+//! - Trace context: a request's server span continues the caller's W3C `traceparent` (with its
+//!   `tracestate` and `baggage`); without one, its trace ID is derived from the operation ID
+//!   (`sitegate_model::operation::derive_trace_id`), so the same operation has the same trace
+//!   ID on every site it crosses. The operation ID is a span attribute and a baggage entry.
+//! - Export: OTLP over HTTP/protobuf or gRPC with a batch processor on the tokio runtime; off
+//!   when no endpoint is configured. A slow or absent collector costs dropped spans, never
+//!   request latency: the queue is bounded and exports run in the background.
+//! - Logs: JSON lines (or text on a terminal) where every line logged inside a request carries
+//!   `operation_id`, `trace_id`, `span_id` and `site` at the top level.
+//! - Metrics: a Prometheus recorder behind `GET /metrics`.
+
+use std::cell::Cell;
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::baggage::BaggageExt;
+use opentelemetry::propagation::TextMapCompositePropagator;
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::{global, KeyValue};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, IdGenerator, RandomIdGenerator, Sampler, SdkTracerProvider,
+};
+use opentelemetry_sdk::Resource;
+use sitegate_model::config::{LogConfig, LogFormat, OtlpProtocol, TelemetryConfig};
+use sitegate_model::operation::{derive_trace_id, OperationId};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Record};
+use tracing::{Event, Id, Span, Subscriber};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// The baggage key that carries the operation ID across sites.
+pub const OPERATION_ID_BAGGAGE: &str = "sitegate.operation_id";
+
+thread_local! {
+    /// The trace ID the next root span built on this thread must have. Set only around the
+    /// synchronous construction of a request span.
+    static NEXT_TRACE_ID: Cell<Option<[u8; 16]>> = const { Cell::new(None) };
+}
+
+/// Random IDs, except for a root request span, whose trace ID comes from its operation ID.
+#[derive(Debug, Default)]
+struct OperationTraceIds {
+    random: RandomIdGenerator,
+}
+
+impl IdGenerator for OperationTraceIds {
+    fn new_trace_id(&self) -> TraceId {
+        match NEXT_TRACE_ID.with(Cell::take) {
+            Some(bytes) => TraceId::from_bytes(bytes),
+            None => self.random.new_trace_id(),
+        }
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        self.random.new_span_id()
+    }
+}
+
+/// Keeps the tracer provider alive; `shutdown` flushes spans still queued.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::debug!(error = %e, "trace provider shutdown");
+        }
+    }
+}
+
+fn otlp_exporter(
+    endpoint: &str,
+    protocol: OtlpProtocol,
+) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    let timeout = Duration::from_secs(3);
+    let exporter = match protocol {
+        OtlpProtocol::Http => {
+            let base = endpoint.trim_end_matches('/');
+            let url = if base.ends_with("/v1/traces") {
+                base.to_owned()
+            } else {
+                format!("{base}/v1/traces")
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(url)
+                .with_timeout(timeout)
+                .build()
+        }
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build(),
+    };
+    exporter.map_err(|e| format!("OTLP exporter: {e}"))
+}
+
+/// Sets up tracing, logging and the propagators for this process. Must run inside the tokio
+/// runtime (the batch exporter lives on it). `site` becomes the `sitegate.site` resource
+/// attribute.
+pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Telemetry, String> {
+    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
+    let resource = Resource::builder()
+        .with_service_name("sitegate")
+        .with_attributes([KeyValue::new("sitegate.site", site.to_owned())])
+        .build();
+    let mut builder = SdkTracerProvider::builder()
+        .with_id_generator(OperationTraceIds::default())
+        // Parent-based even without export, so the sampled flag passed to peers is the
+        // caller's decision, not an accident of this site's configuration.
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sampling_ratio,
+        ))))
+        .with_resource(resource);
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let exporter = otlp_exporter(endpoint, config.otlp_protocol)?;
+        let batch = BatchConfigBuilder::default()
+            .with_max_queue_size(8192)
+            .with_max_export_batch_size(512)
+            .with_scheduled_delay(Duration::from_millis(500))
+            .build();
+        let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
+            .with_batch_config(batch)
+            .build();
+        builder = builder.with_span_processor(processor);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer("sitegate");
+
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(&log.level))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    };
+    let json = match log.format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let fmt_layer = if json {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(JsonLines)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
+    // Spans reach the tracer whatever the log level: a quiet log must not mean no traces.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(RequestIdsLayer)
+        .with(otel_layer)
+        .with(fmt_layer.with_filter(filter()))
+        .try_init()
+        .map_err(|e| format!("logging was already set up: {e}"))?;
+    Ok(Telemetry { provider })
+}
+
+/// Opens the server span of one request: continues the caller's trace, or starts one whose
+/// trace ID is derived from the operation ID; records the IDs on the span for the log lines.
+pub fn request_span(
+    headers: &HeaderMap,
+    operation_id: &OperationId,
+    site: &str,
+    name: &str,
+    from_peer: &str,
+) -> Span {
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %name,
+        otel.kind = "server",
+        operation_id = %operation_id,
+        sitegate.operation_id = %operation_id,
+        site = %site,
+        from_peer,
+        target_site = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let extracted = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let continues = extracted.span().span_context().is_valid();
+    let mut baggage: Vec<KeyValue> = extracted
+        .baggage()
+        .iter()
+        .filter(|(key, _)| key.as_str() != OPERATION_ID_BAGGAGE)
+        .map(|(key, (value, _))| KeyValue::new(key.clone(), value.clone()))
+        .collect();
+    baggage.push(KeyValue::new(
+        OPERATION_ID_BAGGAGE,
+        operation_id.as_str().to_owned(),
+    ));
+    let parent = extracted.with_baggage(baggage);
+    if span.set_parent(parent).is_err() {
+        // No OpenTelemetry layer (tools, unit tests): the request still works, untraced.
+        return span;
+    }
+    let cx = if continues {
+        span.context()
+    } else {
+        // Building the span now, on this thread, is what lets the ID generator see the
+        // derived trace ID; it is cleared right after so no other span can take it.
+        NEXT_TRACE_ID.with(|next| next.set(Some(derive_trace_id(operation_id.as_str()))));
+        let cx = span.context();
+        NEXT_TRACE_ID.with(|next| next.set(None));
+        cx
+    };
+    let span_context = cx.span().span_context().clone();
+    if span_context.is_valid() {
+        span.record("trace_id", span_context.trace_id().to_string());
+        span.record("span_id", span_context.span_id().to_string());
+    }
+    span
+}
+
+/// Writes `span`'s trace context (`traceparent`, `tracestate`, `baggage`) into `headers`.
+pub fn inject(span: &Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+}
+
+tokio::task_local! {
+    /// The site the current request was routed to, for its metrics and access log.
+    static TARGET_SITE: Arc<Mutex<Option<String>>>;
+}
+
+/// Records the site the current request is answered by (the resolver calls it).
+pub fn note_target_site(site: &str) {
+    let _ = TARGET_SITE.try_with(|slot| {
+        if let Ok(mut slot) = slot.lock() {
+            *slot = Some(site.to_owned());
+        }
+    });
+    Span::current().record("target_site", site);
+}
+
+/// Runs `fut` with a slot for [`note_target_site`]; returns its output and the site noted.
+pub async fn with_target_site<F: std::future::Future>(fut: F) -> (F::Output, Option<String>) {
+    let slot = Arc::new(Mutex::new(None));
+    let out = TARGET_SITE.scope(slot.clone(), fut).await;
+    let site = slot.lock().ok().and_then(|mut s| s.take());
+    (out, site)
+}
+
+static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once); later calls return the same handle.
+pub fn metrics() -> Option<&'static PrometheusHandle> {
+    METRICS
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The IDs every log line of a request carries, kept on the request span.
+#[derive(Default, Clone)]
+struct RequestIds {
+    operation_id: String,
+    trace_id: String,
+    span_id: String,
+    site: String,
+    target_site: String,
+}
+
+impl Visit for RequestIds {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let slot = match field.name() {
+            "operation_id" => &mut self.operation_id,
+            "trace_id" => &mut self.trace_id,
+            "span_id" => &mut self.span_id,
+            "site" => &mut self.site,
+            "target_site" => &mut self.target_site,
+            _ => return,
+        };
+        *slot = value.to_owned();
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.record_str(field, &format!("{value:?}"));
+    }
+}
+
+/// Captures [`RequestIds`] from request spans as they are created and recorded.
+struct RequestIdsLayer;
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RequestIdsLayer {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if attrs.metadata().name() != "request" {
+            return;
+        }
+        let mut ids = RequestIds::default();
+        attrs.record(&mut ids);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(ids);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(ids) = span.extensions_mut().get_mut::<RequestIds>() {
+                values.record(ids);
+            }
+        }
+    }
+}
+
+/// One JSON object per line: time, level, target, message and fields, and the request's IDs
+/// at the top level so `grep '"operation_id":"X"'` finds every line of an operation.
+struct JsonLines;
+
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), format!("{value:?}").into());
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut time = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut time))?;
+        let mut line = serde_json::Map::new();
+        line.insert("timestamp".into(), time.into());
+        line.insert("level".into(), event.metadata().level().as_str().into());
+        line.insert("target".into(), event.metadata().target().into());
+        let mut fields = JsonFields(serde_json::Map::new());
+        event.record(&mut fields);
+        line.extend(fields.0);
+        if let Some(scope) = ctx.event_scope() {
+            let mut spans = Vec::new();
+            for span in scope {
+                spans.push(span.name());
+                if let Some(ids) = span.extensions().get::<RequestIds>() {
+                    for (key, value) in [
+                        ("operation_id", &ids.operation_id),
+                        ("trace_id", &ids.trace_id),
+                        ("span_id", &ids.span_id),
+                        ("site", &ids.site),
+                        ("target_site", &ids.target_site),
+                    ] {
+                        if !value.is_empty() {
+                            line.entry(key).or_insert_with(|| value.clone().into());
+                        }
+                    }
+                    break;
+                }
+            }
+            if let Some(innermost) = spans.first() {
+                line.insert("span".into(), (*innermost).into());
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| std::fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn target_site_is_captured_within_the_scope() {
+        let ((), site) = with_target_site(async { note_target_site("site2") }).await;
+        assert_eq!(site.as_deref(), Some("site2"));
+        let ((), none) = with_target_site(async {}).await;
+        assert_eq!(none, None);
+    }
+}
