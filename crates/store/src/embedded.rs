@@ -19,18 +19,15 @@ use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use sitegate_model::query::TaskQuery;
 use sitegate_model::session::{RemoteSession, Role};
-use sitegate_model::task::{
-    Completion, NewTask, Task, TaskState, ValidPatch, WorkflowInfo, MAX_WARNINGS_PER_TASK,
-};
-use sitegate_model::{ErrorEnvelope, NOT_YET};
+use sitegate_model::task::{NewTask, Task, TaskState, ValidPatch, WorkflowInfo};
+use sitegate_model::ErrorEnvelope;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::sql::{self, TASK_COLUMNS};
+use crate::sql::{self, Dialect, SqlValue};
 use crate::{
-    now_millis, CreateOutcome, SessionRecord, SessionStore, StoreError, TaskPage, TaskStore,
-    TokenHash,
+    CreateOutcome, SessionRecord, SessionStore, StoreError, TaskPage, TaskStore, TokenHash,
 };
 
 /// The most writes committed together; bounds the latency one batch adds to its first write.
@@ -287,6 +284,14 @@ fn writer_loop(conn: Connection, jobs: Receiver<WriteJob>) {
     }
 }
 
+fn sqlite_value(value: SqlValue) -> rusqlite::types::Value {
+    match value {
+        SqlValue::Text(t) => rusqlite::types::Value::Text(t),
+        SqlValue::Int(i) => rusqlite::types::Value::Integer(i),
+        SqlValue::Uuid(u) => rusqlite::types::Value::Text(u.to_string()),
+    }
+}
+
 fn json_text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -333,14 +338,17 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
 }
 
 fn select_task(conn: &Connection, id: Uuid) -> Result<Option<Task>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {} FROM tasks WHERE id = ?1",
+        Dialect::Sqlite.task_columns()
+    ))?;
     Ok(stmt.query_row([id.to_string()], task_from_row).optional()?)
 }
 
 fn insert_task(conn: &Connection, t: &Task) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"
+        "INSERT INTO tasks ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+        Dialect::Sqlite.task_columns()
     ))?;
     stmt.execute(params![
         t.id.to_string(),
@@ -364,40 +372,8 @@ fn insert_task(conn: &Connection, t: &Task) -> Result<(), StoreError> {
 }
 
 fn apply_patch(conn: &Connection, id: Uuid, patch: ValidPatch) -> Result<Task, StoreError> {
-    let mut task = select_task(conn, id)?.ok_or(StoreError::TaskNotFound(id))?;
-    if task.state.is_final() {
-        return Err(StoreError::TaskAlreadyFinal(id));
-    }
-    if task.warnings.len() + patch.warnings.len() > MAX_WARNINGS_PER_TASK {
-        return Err(StoreError::Rejected(format!(
-            "a task holds at most {MAX_WARNINGS_PER_TASK} warnings"
-        )));
-    }
-    // Clocks can step back; a task's times never do.
-    let now = now_millis().max(task.last_updated);
-    if let Some(p) = patch.progress {
-        task.progress = p;
-    }
-    task.warnings.extend(patch.warnings);
-    match patch.completion {
-        None => {}
-        Some(Completion::Succeeded {
-            result_type,
-            result,
-        }) => {
-            task.state = TaskState::Succeeded;
-            task.progress = 100;
-            task.result_type = result_type;
-            task.result = result;
-            task.end_time = now;
-        }
-        Some(Completion::Failed { error }) => {
-            task.state = TaskState::Failed;
-            task.error = Some(error);
-            task.end_time = now;
-        }
-    }
-    task.last_updated = now;
+    let task = select_task(conn, id)?.ok_or(StoreError::TaskNotFound(id))?;
+    let task = crate::patched(task, patch)?;
     let mut stmt = conn.prepare_cached(
         "UPDATE tasks SET state = ?2, progress = ?3, last_updated = ?4, end_time = ?5,
              result_type = ?6, result = ?7, error = ?8, warnings = ?9
@@ -465,32 +441,17 @@ impl TaskStore for EmbeddedStore {
     async fn create_task(&self, new: NewTask, site: &str) -> Result<CreateOutcome, StoreError> {
         let site = site.to_owned();
         self.write("create_task", move |conn| {
-            let id = new.id.unwrap_or_else(Uuid::new_v4);
-            if let Some(existing) = select_task(conn, id)? {
-                return if existing.user == new.user && existing.workflow_info == new.workflow_info {
+            let task = crate::new_running_task(new.clone(), &site);
+            if let Some(existing) = select_task(conn, task.id)? {
+                return if crate::same_creation(&existing, &new) {
                     Ok(CreateOutcome::AlreadyExisted(existing))
                 } else {
                     Err(StoreError::Rejected(format!(
-                        "task {id} already exists with a different user or workflowInfo"
+                        "task {} already exists with a different user or workflowInfo",
+                        task.id
                     )))
                 };
             }
-            let now = now_millis();
-            let task = Task {
-                id,
-                user: new.user,
-                site,
-                state: TaskState::Running,
-                progress: 0,
-                start_time: now,
-                last_updated: now,
-                end_time: NOT_YET,
-                result_type: None,
-                result: None,
-                error: None,
-                warnings: Vec::new(),
-                workflow_info: new.workflow_info,
-            };
             insert_task(conn, &task)?;
             Ok(CreateOutcome::Created(task))
         })
@@ -529,28 +490,30 @@ impl TaskStore for EmbeddedStore {
         query: &TaskQuery,
         owner: Option<&str>,
     ) -> Result<TaskPage, StoreError> {
-        let filter = sql::filter(query, owner);
-        let order = sql::order_by(query);
-        let limit = i64::from(query.limit);
-        let offset = query.offset as i64;
+        let dialect = Dialect::Sqlite;
+        let filter = sql::filter(query, owner, dialect);
+        let select = format!(
+            "SELECT {} FROM tasks {} {} {}",
+            dialect.task_columns(),
+            filter.where_sql,
+            sql::order_by(query, dialect),
+            sql::paging(&filter, dialect)
+        );
+        let count = format!("SELECT COUNT(*) FROM tasks {}", filter.where_sql);
+        let mut params: Vec<rusqlite::types::Value> =
+            filter.params.into_iter().map(sqlite_value).collect();
+        let filter_params = params.clone();
+        params.push(rusqlite::types::Value::Integer(i64::from(query.limit)));
+        params.push(rusqlite::types::Value::Integer(query.offset as i64));
         self.read("query_tasks", move |conn| {
             // One read transaction, so `total` and `items` describe the same snapshot.
             conn.execute_batch("BEGIN")?;
             let result = (|| {
                 let total: i64 = conn
-                    .prepare_cached(&format!("SELECT COUNT(*) FROM tasks {}", filter.where_sql))?
-                    .query_row(params_from_iter(filter.params.iter()), |r| r.get(0))?;
-                let mut params = filter.params.clone();
-                params.push(rusqlite::types::Value::Integer(limit));
-                params.push(rusqlite::types::Value::Integer(offset));
-                let n = filter.params.len();
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {TASK_COLUMNS} FROM tasks {} {order} LIMIT ?{} OFFSET ?{}",
-                    filter.where_sql,
-                    n + 1,
-                    n + 2
-                ))?;
-                let items = stmt
+                    .prepare_cached(&count)?
+                    .query_row(params_from_iter(filter_params.iter()), |r| r.get(0))?;
+                let items = conn
+                    .prepare_cached(&select)?
                     .query_map(params_from_iter(params.iter()), task_from_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 Ok(TaskPage {

@@ -138,6 +138,73 @@ pub trait SessionStore: Send + Sync + 'static {
 pub trait Store: TaskStore + SessionStore {}
 impl<T: TaskStore + SessionStore> Store for T {}
 
+/// A task after `patch`, by the rules both backends share: a final task never changes, the
+/// warnings cap holds, times never go back, and finishing sets `endTime` (and progress 100 on
+/// success). The caller stores the result in the same transaction it read `task` in.
+pub fn patched(mut task: Task, patch: ValidPatch) -> Result<Task, StoreError> {
+    use sitegate_model::task::{Completion, TaskState, MAX_WARNINGS_PER_TASK};
+    if task.state.is_final() {
+        return Err(StoreError::TaskAlreadyFinal(task.id));
+    }
+    if task.warnings.len() + patch.warnings.len() > MAX_WARNINGS_PER_TASK {
+        return Err(StoreError::Rejected(format!(
+            "a task holds at most {MAX_WARNINGS_PER_TASK} warnings"
+        )));
+    }
+    // Clocks can step back; a task's times never do.
+    let now = now_millis().max(task.last_updated);
+    if let Some(p) = patch.progress {
+        task.progress = p;
+    }
+    task.warnings.extend(patch.warnings);
+    match patch.completion {
+        None => {}
+        Some(Completion::Succeeded {
+            result_type,
+            result,
+        }) => {
+            task.state = TaskState::Succeeded;
+            task.progress = 100;
+            task.result_type = result_type;
+            task.result = result;
+            task.end_time = now;
+        }
+        Some(Completion::Failed { error }) => {
+            task.state = TaskState::Failed;
+            task.error = Some(error);
+            task.end_time = now;
+        }
+    }
+    task.last_updated = now;
+    Ok(task)
+}
+
+/// A new RUNNING task at `site`, as both backends create it.
+pub fn new_running_task(new: NewTask, site: &str) -> Task {
+    let now = now_millis();
+    Task {
+        id: new.id.unwrap_or_else(Uuid::new_v4),
+        user: new.user,
+        site: site.to_owned(),
+        state: sitegate_model::task::TaskState::Running,
+        progress: 0,
+        start_time: now,
+        last_updated: now,
+        end_time: sitegate_model::NOT_YET,
+        result_type: None,
+        result: None,
+        error: None,
+        warnings: Vec::new(),
+        workflow_info: new.workflow_info,
+    }
+}
+
+/// Whether a repeated create with `new` matches the stored `existing` task (idempotent) or
+/// contradicts it.
+pub fn same_creation(existing: &Task, new: &NewTask) -> bool {
+    existing.user == new.user && existing.workflow_info == new.workflow_info
+}
+
 /// Now, in the API's unit.
 pub fn now_millis() -> EpochMillis {
     std::time::SystemTime::now()

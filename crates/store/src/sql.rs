@@ -1,21 +1,58 @@
-//! The `GET /tasks` query as SQL. Every value is a bound parameter; only column names chosen
-//! from fixed tables are spliced into the text.
+//! The `GET /tasks` query as SQL, for either backend. Every value is a bound parameter; only
+//! column names chosen from fixed tables are spliced into the text.
 
-use rusqlite::types::Value;
 use sitegate_model::query::{SortField, TaskQuery};
+use uuid::Uuid;
 
-/// The columns every task read selects, in the order `embedded::task_from_row` reads them.
-pub const TASK_COLUMNS: &str = "id, user, site, state, progress, start_time, last_updated, \
-     end_time, wf_type, resource_type, resource_id, resource_name, result_type, result, error, warnings";
+/// The SQL spoken by a backend: how parameters are written and what the owner column is
+/// called (`user` is reserved in PostgreSQL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
 
-fn sort_column(field: SortField) -> &'static str {
+impl Dialect {
+    fn placeholder(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+
+    pub fn user_column(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "user",
+            Dialect::Postgres => "user_name",
+        }
+    }
+
+    /// The columns every task read selects, in the order the backends read them.
+    pub fn task_columns(self) -> String {
+        format!(
+            "id, {}, site, state, progress, start_time, last_updated, end_time, wf_type, \
+             resource_type, resource_id, resource_name, result_type, result, error, warnings",
+            self.user_column()
+        )
+    }
+}
+
+/// A bound parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SqlValue {
+    Text(String),
+    Int(i64),
+    Uuid(Uuid),
+}
+
+fn sort_column(field: SortField, dialect: Dialect) -> &'static str {
     match field {
         SortField::StartTime => "start_time",
         SortField::LastUpdated => "last_updated",
         SortField::EndTime => "end_time",
         SortField::Progress => "progress",
         SortField::State => "state",
-        SortField::User => "user",
+        SortField::User => dialect.user_column(),
         SortField::Id => "id",
         SortField::Type => "wf_type",
         SortField::ResourceType => "resource_type",
@@ -27,21 +64,24 @@ fn sort_column(field: SortField) -> &'static str {
 /// A built query: the WHERE clause (possibly empty) and its parameters.
 pub struct Filter {
     pub where_sql: String,
-    pub params: Vec<Value>,
+    pub params: Vec<SqlValue>,
 }
 
-pub fn filter(q: &TaskQuery, owner: Option<&str>) -> Filter {
+pub fn filter(q: &TaskQuery, owner: Option<&str>, dialect: Dialect) -> Filter {
     let mut clauses: Vec<String> = Vec::new();
-    let mut params: Vec<Value> = Vec::new();
-    let mut eq = |column: &str, value: &str, clauses: &mut Vec<String>| {
-        params.push(Value::Text(value.to_owned()));
-        clauses.push(format!("{column} = ?{}", params.len()));
+    let mut params: Vec<SqlValue> = Vec::new();
+    let bind = |value: SqlValue, params: &mut Vec<SqlValue>| {
+        params.push(value);
+        dialect.placeholder(params.len())
     };
+    let user = dialect.user_column();
     if let Some(owner) = owner {
-        eq("user", owner, &mut clauses);
+        let p = bind(SqlValue::Text(owner.to_owned()), &mut params);
+        clauses.push(format!("{user} = {p}"));
     }
-    if let Some(user) = &q.user {
-        eq("user", user, &mut clauses);
+    if let Some(u) = &q.user {
+        let p = bind(SqlValue::Text(u.clone()), &mut params);
+        clauses.push(format!("{user} = {p}"));
     }
     for (column, value) in [
         ("wf_type", &q.workflow_type),
@@ -50,46 +90,44 @@ pub fn filter(q: &TaskQuery, owner: Option<&str>) -> Filter {
         ("resource_name", &q.resource_name),
     ] {
         if let Some(v) = value {
-            eq(column, v, &mut clauses);
+            let p = bind(SqlValue::Text(v.clone()), &mut params);
+            clauses.push(format!("{column} = {p}"));
         }
     }
-    let mut in_list = |column: &str, values: Vec<String>, clauses: &mut Vec<String>| {
-        let mut marks = Vec::with_capacity(values.len());
-        for v in values {
-            params.push(Value::Text(v));
-            marks.push(format!("?{}", params.len()));
-        }
-        clauses.push(format!("{column} IN ({})", marks.join(",")));
-    };
     if !q.ids.is_empty() {
-        in_list(
-            "id",
-            q.ids.iter().map(|i| i.to_string()).collect(),
-            &mut clauses,
-        );
+        let marks: Vec<String> = q
+            .ids
+            .iter()
+            .map(|id| {
+                let value = match dialect {
+                    Dialect::Sqlite => SqlValue::Text(id.to_string()),
+                    Dialect::Postgres => SqlValue::Uuid(*id),
+                };
+                bind(value, &mut params)
+            })
+            .collect();
+        clauses.push(format!("id IN ({})", marks.join(",")));
     }
     if !q.states.is_empty() {
-        in_list(
-            "state",
-            q.states.iter().map(|s| s.as_str().to_owned()).collect(),
-            &mut clauses,
-        );
+        let marks: Vec<String> = q
+            .states
+            .iter()
+            .map(|s| bind(SqlValue::Text(s.as_str().to_owned()), &mut params))
+            .collect();
+        clauses.push(format!("state IN ({})", marks.join(",")));
     }
-    let mut cmp = |sql: &str, value: Option<i64>, clauses: &mut Vec<String>| {
+    for (template, value) in [
+        ("start_time < {}", q.start_time_before),
+        ("start_time > {}", q.start_time_after),
+        // A running task's endTime is -1: it has not ended before or after anything.
+        ("(end_time >= 0 AND end_time < {})", q.end_time_before),
+        ("end_time > {}", q.end_time_after),
+    ] {
         if let Some(v) = value {
-            params.push(Value::Integer(v));
-            clauses.push(sql.replace('?', &format!("?{}", params.len())));
+            let p = bind(SqlValue::Int(v), &mut params);
+            clauses.push(template.replace("{}", &p));
         }
-    };
-    cmp("start_time < ?", q.start_time_before, &mut clauses);
-    cmp("start_time > ?", q.start_time_after, &mut clauses);
-    // A running task's endTime is -1: it has not ended before or after anything.
-    cmp(
-        "(end_time >= 0 AND end_time < ?)",
-        q.end_time_before,
-        &mut clauses,
-    );
-    cmp("end_time > ?", q.end_time_after, &mut clauses);
+    }
     let where_sql = if clauses.is_empty() {
         String::new()
     } else {
@@ -99,14 +137,20 @@ pub fn filter(q: &TaskQuery, owner: Option<&str>) -> Filter {
 }
 
 /// `ORDER BY`, always ending in the task ID so pages are stable.
-pub fn order_by(q: &TaskQuery) -> String {
+pub fn order_by(q: &TaskQuery, dialect: Dialect) -> String {
     let mut keys: Vec<String> = q
         .sort
         .iter()
         .map(|k| {
+            // NULLs sort first ascending in both backends, so pages agree across them.
+            let nulls = match (dialect, k.descending) {
+                (Dialect::Postgres, false) => " NULLS FIRST",
+                (Dialect::Postgres, true) => " NULLS LAST",
+                (Dialect::Sqlite, _) => "",
+            };
             format!(
-                "{} {}",
-                sort_column(k.field),
+                "{} {}{nulls}",
+                sort_column(k.field, dialect),
                 if k.descending { "DESC" } else { "ASC" }
             )
         })
@@ -115,6 +159,16 @@ pub fn order_by(q: &TaskQuery) -> String {
         keys.push("id ASC".to_owned());
     }
     format!("ORDER BY {}", keys.join(", "))
+}
+
+/// `LIMIT`/`OFFSET` placeholders following a filter's parameters.
+pub fn paging(filter: &Filter, dialect: Dialect) -> String {
+    let n = filter.params.len();
+    format!(
+        "LIMIT {} OFFSET {}",
+        dialect.placeholder(n + 1),
+        dialect.placeholder(n + 2)
+    )
 }
 
 #[cfg(test)]
@@ -127,20 +181,51 @@ mod tests {
             "state=RUNNING,FAILED&type=x'; DROP TABLE tasks;--&endTimeBefore=9&sort=progress-",
         ))
         .unwrap();
-        let f = filter(&q, Some("alice"));
+        let f = filter(&q, Some("alice"), Dialect::Sqlite);
         assert_eq!(
             f.where_sql,
             "WHERE user = ?1 AND wf_type = ?2 AND state IN (?3,?4) AND (end_time >= 0 AND end_time < ?5)"
         );
         assert_eq!(f.params.len(), 5);
         assert!(!f.where_sql.contains("DROP"));
-        assert_eq!(order_by(&q), "ORDER BY progress DESC, id ASC");
+        assert_eq!(
+            order_by(&q, Dialect::Sqlite),
+            "ORDER BY progress DESC, id ASC"
+        );
+        assert_eq!(paging(&f, Dialect::Sqlite), "LIMIT ?6 OFFSET ?7");
+
+        let f = filter(&q, Some("alice"), Dialect::Postgres);
+        assert_eq!(
+            f.where_sql,
+            "WHERE user_name = $1 AND wf_type = $2 AND state IN ($3,$4) AND (end_time >= 0 AND end_time < $5)"
+        );
+        assert_eq!(
+            order_by(&q, Dialect::Postgres),
+            "ORDER BY progress DESC NULLS LAST, id ASC"
+        );
+    }
+
+    #[test]
+    fn ids_bind_as_the_backend_stores_them() {
+        let id = Uuid::new_v4();
+        let q = TaskQuery::parse(Some(&format!("ids={id}"))).unwrap();
+        assert_eq!(
+            filter(&q, None, Dialect::Sqlite).params,
+            vec![SqlValue::Text(id.to_string())]
+        );
+        assert_eq!(
+            filter(&q, None, Dialect::Postgres).params,
+            vec![SqlValue::Uuid(id)]
+        );
     }
 
     #[test]
     fn empty_query_has_no_where() {
         let q = TaskQuery::default();
-        assert_eq!(filter(&q, None).where_sql, "");
-        assert_eq!(order_by(&q), "ORDER BY start_time DESC, id ASC");
+        assert_eq!(filter(&q, None, Dialect::Sqlite).where_sql, "");
+        assert_eq!(
+            order_by(&q, Dialect::Sqlite),
+            "ORDER BY start_time DESC, id ASC"
+        );
     }
 }
