@@ -9,7 +9,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
 use axum::{middleware, Extension, Router};
 use sitegate_model::config::{SiteConfig, StoreBackend};
-use sitegate_store::{EmbeddedStore, Store};
+use sitegate_store::{EmbeddedStore, PostgresStore, Store};
 use tokio::net::TcpListener;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::ServiceBuilder;
@@ -128,6 +128,19 @@ impl Application {
             .map_err(|e| GatewayError::Config(e.to_string()))?;
         let store: Arc<dyn Store> = match config.store.backend {
             StoreBackend::Embedded => Arc::new(EmbeddedStore::open(&config.store.path)?),
+            StoreBackend::Postgres => {
+                let url = config.store.url.as_ref().ok_or_else(|| {
+                    GatewayError::Config("store.url is required for postgres".into())
+                })?;
+                Arc::new(
+                    PostgresStore::connect(
+                        url.expose(),
+                        &config.store.schema,
+                        config.store.pool_size,
+                    )
+                    .await?,
+                )
+            }
         };
         let users = Users::load(&config.auth.users_file)?;
         // Installed before anything records, so early metrics are not lost.
@@ -224,10 +237,19 @@ impl Application {
             Transport::Plain,
             stopped(stop_rx),
         );
+        let drain_delay = Duration::from_millis(self.config.limits.drain_delay_ms);
         let signal = async move {
             shutdown.await;
             readiness.start_draining();
-            tracing::info!("shutting down: draining connections");
+            if !drain_delay.is_zero() {
+                // Still serving, but /readyz says 503: balancers stop sending new requests.
+                tracing::info!(
+                    delay_ms = drain_delay.as_millis() as u64,
+                    "shutting down: draining from balancers"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
+            tracing::info!("shutting down: closing listeners, finishing requests");
             let _ = stop_tx.send(true);
         };
         tokio::join!(client_server, signal);

@@ -173,6 +173,30 @@ fn default_client_addr() -> SocketAddr {
 pub enum StoreBackend {
     /// SQLite in WAL mode in a directory of this machine.
     Embedded,
+    /// PostgreSQL (or a compatible database), shared by all replicas of a site.
+    Postgres,
+}
+
+/// A secret from the configuration (a database URL with its password): never printed by
+/// `Debug`, so a logged config cannot leak it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -184,6 +208,16 @@ pub struct StoreConfig {
     /// Directory of the embedded store. Default: `data`, relative to the config file.
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
+    /// PostgreSQL URL (`postgres://user:password@host:5432/db`); required for `postgres`.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// PostgreSQL schema holding this site's tables, so sites can share a database.
+    /// Default: `public`.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Most PostgreSQL connections this process opens. Default: 16.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
 }
 
 impl Default for StoreConfig {
@@ -191,8 +225,18 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: default_backend(),
             path: default_store_path(),
+            url: None,
+            schema: default_schema(),
+            pool_size: default_pool_size(),
         }
     }
+}
+
+fn default_schema() -> String {
+    "public".to_owned()
+}
+fn default_pool_size() -> usize {
+    16
 }
 
 fn default_backend() -> StoreBackend {
@@ -245,6 +289,11 @@ pub struct LimitsConfig {
     /// Longest draining on shutdown before open connections are dropped. Default: 20.
     #[serde(default = "default_drain")]
     pub shutdown_grace_secs: u64,
+    /// On shutdown, how long `/readyz` answers 503 while the listener still serves, so a load
+    /// balancer's health check takes the replica out before it stops accepting. Set it above
+    /// the balancer's check interval times its fall count. Default: 0.
+    #[serde(default)]
+    pub drain_delay_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -256,6 +305,7 @@ impl Default for LimitsConfig {
             max_concurrent_requests: default_max_concurrent(),
             max_connections: default_max_connections(),
             shutdown_grace_secs: default_drain(),
+            drain_delay_ms: 0,
         }
     }
 }
@@ -405,6 +455,16 @@ impl SiteConfig {
                 ));
             }
         }
+        if self.store.backend == StoreBackend::Postgres && self.store.url.is_none() {
+            return Err(ModelError::invalid(
+                "store.backend = \"postgres\" needs store.url",
+            ));
+        }
+        if self.store.pool_size == 0 {
+            return Err(ModelError::invalid(
+                "store.pool_size must be greater than 0",
+            ));
+        }
         let p = &self.peering;
         if p.connect_timeout_ms == 0
             || p.request_timeout_ms == 0
@@ -466,6 +526,20 @@ mod tests {
             peering: PeeringConfig::default(),
             peers: vec![],
         }
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let mut c = minimal();
+        c.store.backend = StoreBackend::Postgres;
+        assert!(c.validate().is_err(), "postgres needs a url");
+        c.store.url = Some(Secret::new("postgres://u:hunter2@h/db"));
+        assert!(c.validate().is_ok());
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(
+            c.store.url.as_ref().unwrap().expose(),
+            "postgres://u:hunter2@h/db"
+        );
     }
 
     #[test]

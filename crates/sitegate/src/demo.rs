@@ -35,6 +35,7 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         sites: SITES.iter().map(|s| (*s).to_owned()).collect(),
         base_port: args.base_port,
         dev_password: args.password.clone(),
+        postgres: None,
     };
     crate::init::run(&init_args)?;
     std::fs::write(args.dir.join(MARKER), "").map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use clap::Args;
 use rand::Rng;
 use sitegate_model::config::{
     AuthConfig, LimitsConfig, ListenConfig, LogConfig, LogFormat, PeerConfig, PeeringConfig,
-    SiteConfig, SiteSection, StoreBackend, StoreConfig, TelemetryConfig, TlsConfig,
+    Secret, SiteConfig, SiteSection, StoreBackend, StoreConfig, TelemetryConfig, TlsConfig,
 };
 use sitegate_model::site::SiteName;
 
@@ -26,6 +26,10 @@ pub struct InitArgs {
     /// The password of every generated user (admin, alice, bob, svc) at every site.
     #[arg(long)]
     pub dev_password: String,
+    /// Store every site in this PostgreSQL database, each in its own schema
+    /// (`sitegate_<site>`), instead of the embedded store.
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
 
 /// Site certificates issued by `init` are valid this long.
@@ -121,9 +125,21 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                 client: addr(port(args.base_port, 2 * k)?),
                 peer: Some(addr(port(args.base_port, 2 * k + 1)?)),
             },
-            store: StoreConfig {
-                backend: StoreBackend::Embedded,
-                path: PathBuf::from(format!("data/{name}")),
+            store: match &args.postgres {
+                None => StoreConfig {
+                    backend: StoreBackend::Embedded,
+                    path: PathBuf::from(format!("data/{name}")),
+                    ..StoreConfig::default()
+                },
+                Some(url) => StoreConfig {
+                    backend: StoreBackend::Postgres,
+                    url: Some(Secret::new(url.clone())),
+                    schema: format!(
+                        "sitegate_{}",
+                        name.as_str().to_lowercase().replace('-', "_")
+                    ),
+                    ..StoreConfig::default()
+                },
             },
             auth: AuthConfig {
                 users_file: PathBuf::from(format!("{name}.users.toml")),

@@ -1,5 +1,6 @@
 //! `sitegate-store` keeps a site's tasks and sessions. It defines the [`TaskStore`] and
-//! [`SessionStore`] traits the gateway programs against, and the embedded backend,
+//! [`SessionStore`] traits the gateway programs against, a PostgreSQL backend for sites with
+//! several gateway replicas, and the embedded backend,
 //! [`EmbeddedStore`]: SQLite in WAL mode with `synchronous=FULL`, one writer thread that
 //! commits many writes with one fsync (group commit), and a small pool of reader threads.
 //!
@@ -11,10 +12,12 @@
 //! Modules:
 //! - [`error`]: [`StoreError`], the one error type of this crate.
 //! - [`embedded`]: the SQLite backend: schema and migrations, the writer and reader threads.
-//! - [`sql`]: building the `GET /tasks` query (filters, sort, paging) as SQL with parameters.
+//! - [`postgres`]: [`PostgresStore`], the PostgreSQL backend for sites with several replicas.
+//! - [`sql`]: building the `GET /tasks` query (filters, sort, paging) for either SQL dialect.
 
 pub mod embedded;
 pub mod error;
+pub mod postgres;
 pub mod sql;
 
 use async_trait::async_trait;
@@ -26,6 +29,7 @@ use uuid::Uuid;
 
 pub use embedded::EmbeddedStore;
 pub use error::StoreError;
+pub use postgres::PostgresStore;
 
 /// The SHA-256 of a session token. Only this is stored, so a copy of the database does not
 /// hold usable tokens.
