@@ -56,17 +56,17 @@ fn routes() -> Router<AppState> {
 pub fn client_api(state: AppState, config: &SiteConfig) -> Router {
     let limits = &config.limits;
     let stack = ServiceBuilder::new()
-        // 1. Operation ID, request span and access log. Outermost, so every response, even
-        //    one made by a layer below, carries `operationID` and is logged under it.
+        // 1. Media type: rewrites JSON answers to the vendor type when asked. Outermost, so
+        //    every answer gets it, even one refused by the operation-ID layer.
+        .layer(middleware::from_fn(layers::negotiate_media_type))
+        // 2. Operation ID, request span, metrics and access log: every response below it
+        //    carries `operationID` and is logged under it.
         .layer(middleware::from_fn_with_state(
             RequestContext {
                 site: config.site.name.to_string(),
             },
             layers::operation_id,
         ))
-        // 2. Media type: rewrites JSON answers to the vendor type when asked; above the
-        //    deadline so timeouts get it too.
-        .layer(middleware::from_fn(layers::negotiate_media_type))
         // 3. Deadline: a request not answered in time becomes an envelope error and frees
         //    its concurrency slot.
         .layer(middleware::from_fn_with_state(

@@ -30,8 +30,8 @@ use crate::error::{ApiError, GatewayError};
 /// The header that carries the session token, as the original API names it.
 pub const AUTH_HEADER: &str = "X-VCAV-Auth";
 
-/// `last_seen` is written at most this often per session: idle expiry stays accurate to a
-/// minute and reads do not turn into writes.
+/// `last_seen` is written at most this often per session (or every half idle timeout, if that
+/// is shorter): idle expiry stays accurate and reads do not turn into writes.
 const TOUCH_INTERVAL_MS: i64 = 60_000;
 
 /// Hashes a password for a users file (argon2id, default parameters, random salt).
@@ -242,7 +242,7 @@ impl SessionManager {
                 "The session has expired; log in again.",
             ));
         }
-        if now - record.last_seen > TOUCH_INTERVAL_MS {
+        if now - record.last_seen > TOUCH_INTERVAL_MS.min(self.idle_timeout_ms / 2) {
             // Off the request path: a lost touch only shortens the session's idle window.
             let store = self.store.clone();
             tokio::spawn(async move {

@@ -141,7 +141,7 @@ impl ApiError {
                 vec![],
             ),
             Timeout => (
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorCode::GeneralServerFailure,
                 msg,
                 vec![],
@@ -187,6 +187,14 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorEnvelope::new(code, msg, args);
         let mut response = (status, axum::Json(body)).into_response();
+        if matches!(self, ApiError::BodyTooLarge(_)) {
+            // The rest of the body is never read, so the connection cannot be reused: say so
+            // rather than let a pooling client fail its next request on it.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if let Some(secs) = retry_after {
             response
                 .headers_mut()

@@ -177,7 +177,7 @@ impl Default for TaskQuery {
     }
 }
 
-const QUERY_PARAMS: [&str; 16] = [
+const QUERY_PARAMS: [&str; 15] = [
     "site",
     "ids",
     "user",
@@ -193,7 +193,6 @@ const QUERY_PARAMS: [&str; 16] = [
     "sort",
     "limit",
     "offset",
-    "operationID",
 ];
 
 impl TaskQuery {
@@ -224,8 +223,7 @@ impl TaskQuery {
                 "sort" => q.sort = parse_sort(&value)?,
                 "limit" => q.limit = parse_limit(&value)?,
                 "offset" => q.offset = parse_offset(&value)?,
-                // Accepted in the query too, for clients that cannot set headers; the
-                // operation-ID layer reads the header, this is only tolerated here.
+                // parse_pairs admits only the names above.
                 _ => {}
             }
         }

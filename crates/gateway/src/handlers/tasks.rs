@@ -51,12 +51,10 @@ pub async fn query(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = TaskQuery::parse(query.as_deref())?;
-    if let Some(user) = &q.user {
-        if !caller.is_admin() && *user != caller.user {
-            return Err(ApiError::Forbidden(
-                "Only administrators may filter tasks by another user.",
-            ));
-        }
+    if q.user.is_some() && !caller.is_admin() {
+        return Err(ApiError::Forbidden(
+            "Only administrators may filter tasks by user.",
+        ));
     }
     match state.resolver.resolve(q.site.as_deref(), origin.as_ref())? {
         Route::Local => {
