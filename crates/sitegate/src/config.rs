@@ -142,6 +142,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_config_is_valid_and_shows_every_section() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/sitegate.example.toml");
+        let c = load(&path).unwrap();
+        assert_eq!(c.site.name.as_str(), "site1");
+        assert_eq!(c.peers.len(), 1);
+        assert!(c.tls.is_some());
+        let text = std::fs::read_to_string(&path).unwrap();
+        for section in [
+            "[site]", "[listen]", "[store]", "[auth]", "[limits]", "[log]", "[telemetry]",
+            "[peering]", "[tls]", "[[peer]]",
+        ] {
+            assert!(text.contains(section), "{section} is documented");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_and_paths_resolved() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
