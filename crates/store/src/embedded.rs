@@ -12,10 +12,12 @@
 //! No SQLite call ever runs on the async runtime.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread;
 
 use async_trait::async_trait;
 use crossbeam_channel::{Receiver, Sender};
+use dashmap::DashMap;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use sitegate_model::query::TaskQuery;
 use sitegate_model::session::{RemoteSession, Role};
@@ -49,6 +51,51 @@ pub struct EmbeddedStore {
     writes: Sender<WriteJob>,
     reads: Sender<ReadJob>,
     path: PathBuf,
+    /// Every session, mirrored in memory so authenticating a request costs no database read.
+    /// Exact, not a cache: this process is the store's only writer (the directory lock makes
+    /// sure), and the writer thread applies each change right after its commit, in commit order.
+    sessions: Arc<DashMap<TokenHash, SessionRecord>>,
+    /// An exclusive lock on `<dir>/LOCK`, held while any handle lives.
+    _lock: Arc<std::fs::File>,
+}
+
+/// A change to the session mirror, applied once the commit that made it succeeded.
+enum MirrorChange {
+    Upsert(SessionRecord),
+    Touch(TokenHash, i64),
+    SetExtensions(TokenHash, Vec<RemoteSession>),
+    Remove(TokenHash),
+    Purge {
+        idle_before: i64,
+        created_before: i64,
+    },
+}
+
+fn apply_mirror(mirror: &DashMap<TokenHash, SessionRecord>, changes: Vec<MirrorChange>) {
+    for change in changes {
+        match change {
+            MirrorChange::Upsert(record) => {
+                mirror.insert(record.token_hash, record);
+            }
+            MirrorChange::Touch(hash, now) => {
+                if let Some(mut r) = mirror.get_mut(&hash) {
+                    r.last_seen = r.last_seen.max(now);
+                }
+            }
+            MirrorChange::SetExtensions(hash, extensions) => {
+                if let Some(mut r) = mirror.get_mut(&hash) {
+                    r.extensions = extensions;
+                }
+            }
+            MirrorChange::Remove(hash) => {
+                mirror.remove(&hash);
+            }
+            MirrorChange::Purge {
+                idle_before,
+                created_before,
+            } => mirror.retain(|_, r| r.last_seen >= idle_before && r.created >= created_before),
+        }
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -140,9 +187,25 @@ impl EmbeddedStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(|e| {
+                StoreError::Database(format!("cannot open {}/LOCK: {e}", dir.display()))
+            })?;
+        lock.try_lock().map_err(|_| {
+            StoreError::Database(format!(
+                "{} is in use by another sitegate process (an embedded store serves one process; \
+                 use the postgres backend for replicas)",
+                dir.display()
+            ))
+        })?;
         let path = dir.join(DB_FILE);
         let mut writer = open_connection(&path)?;
         migrate(&mut writer)?;
+        let sessions = Arc::new(load_sessions(&writer)?);
 
         let (write_tx, write_rx) = crossbeam_channel::unbounded::<WriteJob>();
         thread::Builder::new()
@@ -167,7 +230,44 @@ impl EmbeddedStore {
             writes: write_tx,
             reads: read_tx,
             path,
+            sessions,
+            _lock: Arc::new(lock),
         })
+    }
+
+    /// A session write: `f` returns its answer and the mirror changes it made, which are
+    /// applied on the writer thread right after the commit succeeds.
+    async fn write_session<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Connection) -> Result<(R, Vec<MirrorChange>), StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let started = std::time::Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let mirror = self.sessions.clone();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = conn.and_then(f);
+            let keep = result.is_ok();
+            let complete: Completion_ = Box::new(move |commit| {
+                let answer = match (commit, result) {
+                    (Ok(()), Ok((answer, changes))) => {
+                        apply_mirror(&mirror, changes);
+                        Ok(answer)
+                    }
+                    (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+                };
+                let _ = tx.send(answer);
+            });
+            (keep, complete)
+        });
+        let result = async {
+            self.writes.send(job).map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+        .instrument(store_span(op))
+        .await;
+        record_latency(op, started);
+        result
     }
 
     /// Runs `f` on the writer thread inside the next group commit; answers once it is durable.
@@ -396,6 +496,45 @@ fn apply_patch(conn: &Connection, id: Uuid, patch: ValidPatch) -> Result<Task, S
     Ok(task)
 }
 
+fn load_sessions(conn: &Connection) -> Result<DashMap<TokenHash, SessionRecord>, StoreError> {
+    let map = DashMap::new();
+    let mut stmt = conn
+        .prepare("SELECT token_hash, user, roles, created, last_seen, extensions FROM sessions")?;
+    let rows = stmt.query_map([], |r| {
+        let hash: Vec<u8> = r.get(0)?;
+        let roles: String = r.get(2)?;
+        let extensions: String = r.get(5)?;
+        Ok((
+            hash,
+            r.get::<_, String>(1)?,
+            roles,
+            r.get(3)?,
+            r.get(4)?,
+            extensions,
+        ))
+    })?;
+    for row in rows {
+        let (hash, user, roles, created, last_seen, extensions) = row?;
+        let token_hash: TokenHash = hash
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("a session key is not 32 bytes".into()))?;
+        let extensions = serde_json::from_str(&extensions)
+            .map_err(|e| StoreError::Corrupt(format!("session extensions: {e}")))?;
+        map.insert(
+            token_hash,
+            SessionRecord {
+                token_hash,
+                user,
+                roles: parse_roles(&roles),
+                created,
+                last_seen,
+                extensions,
+            },
+        );
+    }
+    Ok(map)
+}
+
 fn select_extensions(
     conn: &Connection,
     token_hash: TokenHash,
@@ -539,7 +678,7 @@ impl TaskStore for EmbeddedStore {
 #[async_trait]
 impl SessionStore for EmbeddedStore {
     async fn create_session(&self, s: SessionRecord) -> Result<(), StoreError> {
-        self.write("create_session", move |conn| {
+        self.write_session("create_session", move |conn| {
             conn.prepare_cached(
                 "INSERT INTO sessions (token_hash, user, roles, created, last_seen, extensions)
                  VALUES (?1,?2,?3,?4,?5,?6)",
@@ -552,7 +691,7 @@ impl SessionStore for EmbeddedStore {
                 s.last_seen,
                 json_text(&s.extensions)?
             ])?;
-            Ok(())
+            Ok(((), vec![MirrorChange::Upsert(s)]))
         })
         .await
     }
@@ -561,36 +700,16 @@ impl SessionStore for EmbeddedStore {
         &self,
         token_hash: TokenHash,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        self.read("get_session", move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT user, roles, created, last_seen, extensions FROM sessions
-                     WHERE token_hash = ?1",
-                )?
-                .query_row([&token_hash[..]], |r| {
-                    let roles: String = r.get(1)?;
-                    let extensions: String = r.get(4)?;
-                    Ok(SessionRecord {
-                        token_hash,
-                        user: r.get(0)?,
-                        roles: parse_roles(&roles),
-                        created: r.get(2)?,
-                        last_seen: r.get(3)?,
-                        extensions: parse_json(&extensions)?,
-                    })
-                })
-                .optional()?)
-        })
-        .await
+        Ok(self.sessions.get(&token_hash).map(|r| r.value().clone()))
     }
 
     async fn touch_session(&self, token_hash: TokenHash, now: i64) -> Result<(), StoreError> {
-        self.write("touch_session", move |conn| {
+        self.write_session("touch_session", move |conn| {
             conn.prepare_cached(
                 "UPDATE sessions SET last_seen = MAX(last_seen, ?2) WHERE token_hash = ?1",
             )?
             .execute(params![&token_hash[..], now])?;
-            Ok(())
+            Ok(((), vec![MirrorChange::Touch(token_hash, now)]))
         })
         .await
     }
@@ -600,14 +719,17 @@ impl SessionStore for EmbeddedStore {
         token_hash: TokenHash,
         remote: RemoteSession,
     ) -> Result<bool, StoreError> {
-        self.write("put_extension", move |conn| {
+        self.write_session("put_extension", move |conn| {
             let Some(mut extensions) = select_extensions(conn, token_hash)? else {
-                return Ok(false);
+                return Ok((false, vec![]));
             };
             extensions.retain(|e| e.site != remote.site);
             extensions.push(remote);
             update_extensions(conn, token_hash, &extensions)?;
-            Ok(true)
+            Ok((
+                true,
+                vec![MirrorChange::SetExtensions(token_hash, extensions)],
+            ))
         })
         .await
     }
@@ -618,26 +740,29 @@ impl SessionStore for EmbeddedStore {
         site: &str,
     ) -> Result<Option<RemoteSession>, StoreError> {
         let site = site.to_owned();
-        self.write("remove_extension", move |conn| {
+        self.write_session("remove_extension", move |conn| {
             let Some(mut extensions) = select_extensions(conn, token_hash)? else {
-                return Ok(None);
+                return Ok((None, vec![]));
             };
             let Some(pos) = extensions.iter().position(|e| e.site == site) else {
-                return Ok(None);
+                return Ok((None, vec![]));
             };
             let removed = extensions.remove(pos);
             update_extensions(conn, token_hash, &extensions)?;
-            Ok(Some(removed))
+            Ok((
+                Some(removed),
+                vec![MirrorChange::SetExtensions(token_hash, extensions)],
+            ))
         })
         .await
     }
 
     async fn delete_session(&self, token_hash: TokenHash) -> Result<bool, StoreError> {
-        self.write("delete_session", move |conn| {
+        self.write_session("delete_session", move |conn| {
             let n = conn
                 .prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
                 .execute([&token_hash[..]])?;
-            Ok(n > 0)
+            Ok((n > 0, vec![MirrorChange::Remove(token_hash)]))
         })
         .await
     }
@@ -647,20 +772,22 @@ impl SessionStore for EmbeddedStore {
         idle_before: i64,
         created_before: i64,
     ) -> Result<u64, StoreError> {
-        self.write("purge_sessions", move |conn| {
+        self.write_session("purge_sessions", move |conn| {
             let n = conn
                 .prepare_cached("DELETE FROM sessions WHERE last_seen < ?1 OR created < ?2")?
                 .execute(params![idle_before, created_before])?;
-            Ok(n as u64)
+            Ok((
+                n as u64,
+                vec![MirrorChange::Purge {
+                    idle_before,
+                    created_before,
+                }],
+            ))
         })
         .await
     }
 
     async fn count_sessions(&self) -> Result<u64, StoreError> {
-        self.read("count_sessions", |conn| {
-            let n: i64 = conn.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?;
-            Ok(n as u64)
-        })
-        .await
+        Ok(self.sessions.len() as u64)
     }
 }
