@@ -17,6 +17,8 @@
 //! - [`handlers`]: one module per resource: sessions, tasks, sites, operations.
 //! - [`sites`]: [`sites::SiteResolver`], which decides where a `site` is answered.
 //! - [`peer`]: [`peer::PeerClient`], requests over the peer link, circuit breaker, probes.
+//! - [`remote_reads`]: remote Get One answers shared between callers (final tasks kept,
+//!   single flight for running ones).
 //! - [`tls`]: the peer link's rustls configuration, reloadable; the only rustls user.
 //! - [`telemetry`]: trace context, OTLP export, JSON logs, metrics; the only OpenTelemetry user.
 //! - [`error`]: [`error::ApiError`] and [`error::GatewayError`].
@@ -28,6 +30,7 @@ pub mod extract;
 pub mod handlers;
 pub mod layers;
 pub mod peer;
+pub mod remote_reads;
 pub mod server;
 pub mod sites;
 pub mod telemetry;

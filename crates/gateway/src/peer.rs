@@ -33,7 +33,7 @@ const MAX_PEER_BODY: usize = 32 * 1024 * 1024;
 
 /// Why a request to a peer failed. The messages name the site and the step, never internals;
 /// `detail` is for the log only.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PeerError {
     #[error("site '{site}' could not be reached")]
     Unreachable { site: String, detail: String },
@@ -124,14 +124,35 @@ struct LinkHealth {
     incoming_error: Option<(i64, ErrorEnvelope)>,
 }
 
+/// An open HTTP/2 connection to a peer.
+#[derive(Clone)]
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    refusal: Arc<std::sync::OnceLock<HandshakeRefusal>>,
+}
+
+impl Connection {
+    /// A failed exchange on this connection, told apart by what its TLS stream saw.
+    fn error(&self, site: &str, e: &(dyn std::error::Error + 'static)) -> PeerError {
+        let error = transport_error(site, e);
+        match (self.refusal.get(), error) {
+            (Some(refusal), PeerError::Unreachable { site, detail }) => {
+                refused(*refusal, site, detail)
+            }
+            (_, error) => error,
+        }
+    }
+}
+
 /// One configured peer and the state of the link to it.
 pub struct Peer {
     pub config: PeerConfig,
     address: String,
     server_name: ServerName<'static>,
-    /// The multiplexed connection, if open. The async mutex makes concurrent requests wait
-    /// for one connection attempt instead of each opening their own.
-    connection: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    /// The multiplexed connection, if open, with the TLS refusal its stream saw, if any. The
+    /// async mutex makes concurrent requests wait for one connection attempt instead of each
+    /// opening their own.
+    connection: tokio::sync::Mutex<Option<Connection>>,
     health: Mutex<LinkHealth>,
 }
 
@@ -301,11 +322,22 @@ pub struct PeerClient {
     pub peers: Arc<PeerSet>,
     tls: Arc<PeerTls>,
     config: PeeringConfig,
+    /// Remote Get One answers shared between callers.
+    pub reads: crate::remote_reads::RemoteReads,
 }
 
 impl PeerClient {
     pub fn new(peers: Arc<PeerSet>, tls: Arc<PeerTls>, config: PeeringConfig) -> Self {
-        PeerClient { peers, tls, config }
+        let reads = crate::remote_reads::RemoteReads::new(
+            Duration::from_millis(config.running_task_cache_ms),
+            Duration::from_secs(config.final_task_cache_secs),
+        );
+        PeerClient {
+            peers,
+            tls,
+            config,
+            reads,
+        }
     }
 
     pub fn tls(&self) -> &Arc<PeerTls> {
@@ -388,7 +420,8 @@ impl PeerClient {
         request: Forward,
         deadline: Instant,
     ) -> Result<PeerResponse, PeerError> {
-        let mut sender = self.connection(peer).await?;
+        let connection = self.connection(peer).await?;
+        let mut sender = connection.sender.clone();
         let site = peer.name().to_string();
         let mut builder = Request::builder().method(request.method).uri(format!(
             "https://{}{}",
@@ -413,11 +446,11 @@ impl PeerClient {
         sender
             .ready()
             .await
-            .map_err(|e| transport_error(&site, &e))?;
+            .map_err(|e| connection.error(&site, &e))?;
         let response = sender
             .send_request(req)
             .await
-            .map_err(|e| transport_error(&site, &e))?;
+            .map_err(|e| connection.error(&site, &e))?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, MAX_PEER_BODY)
             .collect()
@@ -435,11 +468,11 @@ impl PeerClient {
     }
 
     /// The open connection to `peer`, or a new one.
-    async fn connection(&self, peer: &Peer) -> Result<SendRequest<Full<Bytes>>, PeerError> {
+    async fn connection(&self, peer: &Peer) -> Result<Connection, PeerError> {
         let mut slot = peer.connection.lock().await;
-        if let Some(sender) = slot.as_ref() {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
+        if let Some(connection) = slot.as_ref() {
+            if !connection.sender.is_closed() {
+                return Ok(connection.clone());
             }
         }
         let site = peer.name().to_string();
@@ -463,7 +496,8 @@ impl PeerClient {
         if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
             peer.health().peer_cert_expiry = crate::tls::not_after_millis(cert);
         }
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        let (tls, refusal) = crate::tls::RefusalWatch::new(tls);
+        let (sender, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Pings find a peer that vanished without closing the connection.
             .keep_alive_interval(Duration::from_secs(10))
@@ -473,12 +507,13 @@ impl PeerClient {
             .map_err(|e| transport_error(&site, &e))?;
         let name = site.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            if let Err(e) = driver.await {
                 tracing::debug!(peer = %name, error = %e, "peer connection closed");
             }
         });
-        *slot = Some(sender.clone());
-        Ok(sender)
+        let connection = Connection { sender, refusal };
+        *slot = Some(connection.clone());
+        Ok(connection)
     }
 
     /// Probes every peer each interval, forever; run as a background task.
@@ -519,18 +554,18 @@ fn transport_error(site: &str, e: &(dyn std::error::Error + 'static)) -> PeerErr
         source = s.source();
     }
     match handshake_refusal(e) {
-        Some(HandshakeRefusal::PeerRefusedUs) => PeerError::RefusedOurCertificate {
-            site: site.to_owned(),
-            detail,
-        },
-        Some(HandshakeRefusal::WeRefusedPeer) => PeerError::UntrustedPeerCertificate {
-            site: site.to_owned(),
-            detail,
-        },
+        Some(refusal) => refused(refusal, site.to_owned(), detail),
         None => PeerError::Unreachable {
             site: site.to_owned(),
             detail,
         },
+    }
+}
+
+fn refused(refusal: HandshakeRefusal, site: String, detail: String) -> PeerError {
+    match refusal {
+        HandshakeRefusal::PeerRefusedUs => PeerError::RefusedOurCertificate { site, detail },
+        HandshakeRefusal::WeRefusedPeer => PeerError::UntrustedPeerCertificate { site, detail },
     }
 }
 

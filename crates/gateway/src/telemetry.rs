@@ -299,6 +299,7 @@ struct RequestIds {
     span_id: String,
     site: String,
     target_site: String,
+    from_peer: String,
 }
 
 impl Visit for RequestIds {
@@ -309,6 +310,7 @@ impl Visit for RequestIds {
             "span_id" => &mut self.span_id,
             "site" => &mut self.site,
             "target_site" => &mut self.target_site,
+            "from_peer" => &mut self.from_peer,
             _ => return,
         };
         *slot = value.to_owned();
@@ -402,6 +404,7 @@ where
                         ("span_id", &ids.span_id),
                         ("site", &ids.site),
                         ("target_site", &ids.target_site),
+                        ("from_peer", &ids.from_peer),
                     ] {
                         if !value.is_empty() {
                             line.entry(key).or_insert_with(|| value.clone().into());

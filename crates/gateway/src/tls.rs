@@ -333,8 +333,12 @@ fn classify(e: &rustls::Error) -> Option<HandshakeRefusal> {
     use AlertDescription as A;
     match e {
         rustls::Error::InvalidCertificate(_) => Some(HandshakeRefusal::WeRefusedPeer),
+        // DecryptError and HandshakeFailure are what a peer sends when our certificate's
+        // signature does not verify against its CA (a CA of the same name but another key).
         rustls::Error::AlertReceived(
-            A::BadCertificate
+            A::DecryptError
+            | A::HandshakeFailure
+            | A::BadCertificate
             | A::UnsupportedCertificate
             | A::CertificateRevoked
             | A::CertificateExpired
@@ -344,6 +348,81 @@ fn classify(e: &rustls::Error) -> Option<HandshakeRefusal> {
             | A::CertificateRequired,
         ) => Some(HandshakeRefusal::PeerRefusedUs),
         _ => None,
+    }
+}
+
+/// A TLS stream that remembers the first handshake refusal it sees.
+///
+/// In TLS 1.3 a client's handshake completes before the server has checked the client's
+/// certificate, so the server's refusal arrives later, on a read inside the HTTP/2 connection
+/// task; h2 then flattens the I/O error into a message. Recording the typed error here, where
+/// it is still a `rustls::Error`, lets the peer client report "refused our certificate"
+/// instead of "unreachable".
+pub struct RefusalWatch<S> {
+    inner: S,
+    refusal: Arc<std::sync::OnceLock<HandshakeRefusal>>,
+}
+
+impl<S> RefusalWatch<S> {
+    pub fn new(inner: S) -> (Self, Arc<std::sync::OnceLock<HandshakeRefusal>>) {
+        let refusal = Arc::new(std::sync::OnceLock::new());
+        (
+            RefusalWatch {
+                inner,
+                refusal: refusal.clone(),
+            },
+            refusal,
+        )
+    }
+
+    fn note<T>(&self, result: &std::task::Poll<std::io::Result<T>>) {
+        if let std::task::Poll::Ready(Err(e)) = result {
+            if let Some(r) = handshake_refusal(e) {
+                let _ = self.refusal.set(r);
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for RefusalWatch<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.note(&result);
+        result
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for RefusalWatch<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(&result);
+        result
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(&result);
+        result
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.note(&result);
+        result
     }
 }
 

@@ -100,6 +100,23 @@ pub struct PeeringConfig {
     /// How often certificate files are checked for changes (SIGHUP reloads at once). Default: 5.
     #[serde(default = "default_tls_reload_secs")]
     pub tls_reload_interval_secs: u64,
+    /// How long a peer's answer about a running task is shared with the same user's later
+    /// polls, in ms; 0 shares only concurrent identical reads (single flight). Raising it to a
+    /// poll interval turns many pollers into about one peer request per interval, at the cost
+    /// of answers that old. Default: 0.
+    #[serde(default = "default_running_cache_ms")]
+    pub running_task_cache_ms: u64,
+    /// How long a peer's answer about a finished task (which never changes) is kept, in
+    /// seconds. Default: 600.
+    #[serde(default = "default_final_cache_secs")]
+    pub final_task_cache_secs: u64,
+}
+
+fn default_running_cache_ms() -> u64 {
+    0
+}
+fn default_final_cache_secs() -> u64 {
+    600
 }
 
 impl Default for PeeringConfig {
@@ -111,6 +128,8 @@ impl Default for PeeringConfig {
             circuit_open_secs: default_open_secs(),
             probe_interval_ms: default_probe_interval_ms(),
             tls_reload_interval_secs: default_tls_reload_secs(),
+            running_task_cache_ms: default_running_cache_ms(),
+            final_task_cache_secs: default_final_cache_secs(),
         }
     }
 }

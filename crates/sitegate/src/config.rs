@@ -150,8 +150,16 @@ mod tests {
         assert!(c.tls.is_some());
         let text = std::fs::read_to_string(&path).unwrap();
         for section in [
-            "[site]", "[listen]", "[store]", "[auth]", "[limits]", "[log]", "[telemetry]",
-            "[peering]", "[tls]", "[[peer]]",
+            "[site]",
+            "[listen]",
+            "[store]",
+            "[auth]",
+            "[limits]",
+            "[log]",
+            "[telemetry]",
+            "[peering]",
+            "[tls]",
+            "[[peer]]",
         ] {
             assert!(text.contains(section), "{section} is documented");
         }

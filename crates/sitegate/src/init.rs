@@ -91,7 +91,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
     let dir = &args.dir;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
 
-    let ca = crate::pki::new_authority("sitegate federation CA")?;
+    let ca = crate::pki::new_authority(&crate::pki::unique_ca_name())?;
     write_public(&dir.join("ca.pem"), &ca.pem.cert)?;
     write_private(&dir.join("ca.key"), &ca.pem.key)?;
 

@@ -45,9 +45,10 @@ enum PkiCommand {
     Ca {
         #[arg(long)]
         dir: PathBuf,
-        /// The CA's common name.
-        #[arg(long, default_value = "sitegate federation CA")]
-        name: String,
+        /// The CA's common name. Default: "sitegate federation CA <random suffix>", so two
+        /// CAs never share a name.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Issue a certificate for a site from the CA in CA_DIR: OUT_DIR/<site>.pem and .key.
     Issue {
@@ -74,6 +75,7 @@ fn pki(command: PkiCommand) -> Result<(), String> {
                     key.display()
                 ));
             }
+            let name = name.unwrap_or_else(pki::unique_ca_name);
             let ca = pki::new_authority(&name)?;
             std::fs::write(&cert, &ca.pem.cert).map_err(|e| format!("{}: {e}", cert.display()))?;
             init::write_private(&key, &ca.pem.key)?;

@@ -26,6 +26,14 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = now + Duration::days(days);
 }
 
+/// A CA name no other CA has: certificate chains are matched by issuer name first, and two
+/// CAs of one name make a foreign certificate fail late and confusingly (a bad signature).
+pub fn unique_ca_name() -> String {
+    use rand::Rng;
+    let suffix: u32 = rand::thread_rng().gen();
+    format!("sitegate federation CA {suffix:08x}")
+}
+
 /// A new federation CA, valid for ten years.
 pub fn new_authority(name: &str) -> Result<Authority, String> {
     let mut params = CertificateParams::default();

@@ -13,6 +13,7 @@ use crate::error::ApiError;
 use crate::extract::RequestMeta;
 use crate::layers::OPERATION_ID_HEADER;
 use crate::peer::{Forward, Peer, PeerClient, PeerResponse};
+use crate::remote_reads::ReadKey;
 
 /// The peer client; only present when peers are configured, and then every `Route::Peer`
 /// came from it.
@@ -69,13 +70,28 @@ pub async fn forward_read(
             "This session is not extended to site '{site}'. Extend it first: POST /sessions/extend."
         ))
     })?;
+    let client = client(state)?;
+    let shareable = method == Method::GET && path_and_query.starts_with("/tasks/");
     let request = Forward {
         method,
-        path_and_query,
+        path_and_query: path_and_query.clone(),
         headers: forward_headers(meta, Some(&remote.token), body.is_some()),
         body: body.unwrap_or_default(),
     };
-    let response = client(state)?.send(peer, request, meta.deadline).await?;
+    let response = if shareable {
+        let key = ReadKey {
+            peer: site.to_owned(),
+            path: path_and_query,
+            remote_user: remote.user.clone(),
+        };
+        client
+            .reads
+            .get_or_fetch(key, client.send(peer, request, meta.deadline))
+            .await?
+            .to_response()
+    } else {
+        client.send(peer, request, meta.deadline).await?
+    };
     if response.status.as_u16() == 401
         && peer_error_code(&response).as_deref() == Some(ErrorCode::NotAuthenticated.as_str())
     {
