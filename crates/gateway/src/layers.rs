@@ -69,12 +69,15 @@ pub async fn operation_id(
         .get::<PeerOrigin>()
         .map(|p| p.0.to_string())
         .unwrap_or_default();
+    // Probes and scrapes arrive every few hundred milliseconds from every balancer.
+    let quiet = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
     let span = crate::telemetry::request_span(
         req.headers(),
         &op,
         &ctx.site,
         &format!("{method} {route}"),
         &from_peer,
+        quiet,
     );
     req.extensions_mut().insert(op.clone());
     let (mut response, target_site) = match refusal {
@@ -97,14 +100,24 @@ pub async fn operation_id(
     metrics::counter!("sitegate_requests_total", &labels).increment(1);
     metrics::histogram!("sitegate_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     span.in_scope(|| {
-        tracing::info!(
-            target: "sitegate::access",
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            client = client.map(|c| c.to_string()).unwrap_or_default(),
-            target_site,
-            "{method} {path}",
-        );
+        macro_rules! access_log_at {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "sitegate::access",
+                    $level,
+                    status,
+                    latency_ms = elapsed.as_secs_f64() * 1000.0,
+                    client = client.map(|c| c.to_string()).unwrap_or_default(),
+                    target_site,
+                    "{method} {path}",
+                )
+            };
+        }
+        if quiet {
+            access_log_at!(tracing::Level::DEBUG);
+        } else {
+            access_log_at!(tracing::Level::INFO);
+        }
     });
     response
 }

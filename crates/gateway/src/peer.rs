@@ -535,7 +535,8 @@ impl PeerClient {
                     };
                     let deadline = Instant::now() + interval.max(Duration::from_millis(500));
                     let was_failing = peer.circuit_wait().is_some();
-                    let result = client.exchange(&peer, probe, Some(deadline)).await;
+                    // Probes are housekeeping, not operations: no trace of their own.
+                    let result = client.exchange_in(&peer, probe, Some(deadline)).await;
                     if was_failing && result.is_ok() {
                         tracing::info!(peer = %peer.name(), "peer link is back: circuit closed");
                     }

@@ -77,10 +77,22 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
 }
 
+/// The longest a stop waits for queued spans to reach the collector.
+const FLUSH_LIMIT: Duration = Duration::from_secs(3);
+
 impl Telemetry {
-    pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
-            tracing::debug!(error = %e, "trace provider shutdown");
+    /// Flushes queued spans, waiting at most [`FLUSH_LIMIT`]: a collector that accepts
+    /// connections but never answers must not hold up a stop past an orchestrator's grace
+    /// period (the batch processor itself ignores shutdown timeouts). Spans not sent by then
+    /// are dropped.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let flush = tokio::task::spawn_blocking(move || provider.shutdown());
+        match tokio::time::timeout(FLUSH_LIMIT, flush).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "trace provider shutdown"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "trace provider shutdown task"),
+            Err(_) => tracing::warn!("trace export did not finish in time; queued spans dropped"),
         }
     }
 }
@@ -135,10 +147,11 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
         .with_resource(resource);
     if let Some(endpoint) = &config.otlp_endpoint {
         let exporter = otlp_exporter(endpoint, config.otlp_protocol)?;
+        // Large, infrequent batches: per-export overhead is what costs throughput.
         let batch = BatchConfigBuilder::default()
-            .with_max_queue_size(8192)
-            .with_max_export_batch_size(512)
-            .with_scheduled_delay(Duration::from_millis(500))
+            .with_max_queue_size(16384)
+            .with_max_export_batch_size(2048)
+            .with_scheduled_delay(Duration::from_secs(1))
             .build();
         let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
             .with_batch_config(batch)
@@ -173,6 +186,7 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
         .with_tracer(tracer)
         .with_location(false)
         .with_threads(false)
+        .with_target(false)
         .with_tracked_inactivity(false)
         .with_filter(EnvFilter::new("info"));
     tracing_subscriber::registry()
@@ -185,27 +199,38 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
 }
 
 /// Opens the server span of one request: continues the caller's trace, or starts one whose
-/// trace ID is derived from the operation ID; records the IDs on the span for the log lines.
+/// trace ID is derived from the operation ID; keeps the IDs for the request's log lines.
+/// A `quiet` request (health checks, metrics scrapes) gets a debug-level span: neither
+/// exported nor logged at the default level, so probes every few hundred milliseconds do not
+/// drown real operations.
 pub fn request_span(
     headers: &HeaderMap,
     operation_id: &OperationId,
     site: &str,
     name: &str,
     from_peer: &str,
+    quiet: bool,
 ) -> Span {
-    let span = tracing::info_span!(
-        "request",
-        otel.name = %name,
-        otel.kind = "server",
-        operation_id = %operation_id,
-        sitegate.operation_id = %operation_id,
-        site = %site,
-        from_peer,
-        target_site = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
+    macro_rules! request_span_at {
+        ($level:expr) => {
+            tracing::span!(
+                $level,
+                "request",
+                otel.name = %name,
+                otel.kind = "server",
+                operation_id = %operation_id,
+                site = %site,
+                from_peer,
+                target_site = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+            )
+        };
+    }
+    let span = if quiet {
+        request_span_at!(tracing::Level::DEBUG)
+    } else {
+        request_span_at!(tracing::Level::INFO)
+    };
     let extracted = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     let continues = extracted.span().span_context().is_valid();
     let mut baggage: Vec<KeyValue> = extracted
@@ -235,8 +260,17 @@ pub fn request_span(
     };
     let span_context = cx.span().span_context().clone();
     if span_context.is_valid() {
-        span.record("trace_id", span_context.trace_id().to_string());
-        span.record("span_id", span_context.span_id().to_string());
+        // Kept beside the span for the log formatter rather than as span fields, which would
+        // be exported again as attributes duplicating the span's own IDs.
+        span.with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>();
+            if let Some(span) = registry.and_then(|r| r.span(id)) {
+                if let Some(ids) = span.extensions_mut().get_mut::<RequestIds>() {
+                    ids.trace_id = span_context.trace_id().to_string();
+                    ids.span_id = span_context.span_id().to_string();
+                }
+            }
+        });
     }
     span
 }

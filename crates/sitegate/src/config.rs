@@ -34,7 +34,13 @@ pub fn load(path: &Path) -> Result<SiteConfig, ConfigError> {
     }
     let mut config: SiteConfig = Figment::new()
         .merge(Toml::file(path))
-        .merge(Env::prefixed("SITEGATE_").ignore(&["CONFIG"]).split("__"))
+        // Only SITEGATE_<SECTION>__<KEY> variables are settings: every key lives in a section,
+        // and other SITEGATE_* variables (scripts, benchmarks) must not stop a site starting.
+        .merge(
+            Env::prefixed("SITEGATE_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        )
         .extract()
         .map_err(|e| ConfigError::Invalid {
             path: shown.clone(),

@@ -163,7 +163,7 @@ fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         tracing::info!(site = app.site_name(), client = %app.client_addr(), peer_link = ?app.peer_addr(), "serving");
         let result = app.run(shutdown_signal()).await.map_err(|e| e.to_string());
-        telemetry.shutdown();
+        telemetry.shutdown().await;
         result
     })
 }
