@@ -109,7 +109,9 @@ mod tests {
     fn resolution_table() {
         let r = SiteResolver::new(SiteName::parse("site1").unwrap(), String::new(), None);
         let from = SiteName::parse("site2").unwrap();
-        let cases: &[(Option<&str>, Option<&SiteName>, Result<(), &str>)] = &[
+        // (site parameter, arrived from peer, expected: Ok = local, Err = error code)
+        type Case<'a> = (Option<&'a str>, Option<&'a SiteName>, Result<(), &'a str>);
+        let cases: &[Case] = &[
             (None, None, Ok(())),
             (Some(""), None, Ok(())),
             (Some("site1"), None, Ok(())),
