@@ -420,7 +420,54 @@ impl PeerClient {
         request: Forward,
         deadline: Instant,
     ) -> Result<PeerResponse, PeerError> {
-        let connection = self.connection(peer).await?;
+        let (connection, fresh) = self.connection(peer).await?;
+        let result = self.exchange_on(&connection, peer, request, deadline).await;
+        match result {
+            Err(PeerError::Unreachable { site, detail }) if fresh => {
+                // A connection that failed before any answer may have been refused in the
+                // handshake, with the alert lost to a reset: ask again, quietly.
+                match self.diagnose(peer).await {
+                    Some(refusal) => Err(refused(refusal, site, detail)),
+                    None => Err(PeerError::Unreachable { site, detail }),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Opens a TLS connection to `peer`, sends nothing after the handshake, and reads: a peer
+    /// that refuses this site's certificate answers with an alert, which (nothing else being
+    /// in flight) arrives intact. `None` when the peer did not refuse.
+    async fn diagnose(&self, peer: &Peer) -> Option<HandshakeRefusal> {
+        use tokio::io::AsyncReadExt;
+        let limit = Duration::from_millis(self.config.connect_timeout_ms);
+        let attempt = async {
+            let tcp = TcpStream::connect(&peer.address).await.ok()?;
+            let mut tls = match self
+                .tls
+                .connector()
+                .connect(peer.server_name.clone(), tcp)
+                .await
+            {
+                Ok(tls) => tls,
+                Err(e) => return handshake_refusal(&e),
+            };
+            let mut byte = [0u8; 1];
+            match tls.read(&mut byte).await {
+                Err(e) => handshake_refusal(&e),
+                Ok(_) => None,
+            }
+        };
+        tokio::time::timeout(limit, attempt).await.ok().flatten()
+    }
+
+    async fn exchange_on(
+        &self,
+        connection: &Connection,
+        peer: &Peer,
+        request: Forward,
+        deadline: Instant,
+    ) -> Result<PeerResponse, PeerError> {
         let mut sender = connection.sender.clone();
         let site = peer.name().to_string();
         let mut builder = Request::builder().method(request.method).uri(format!(
@@ -468,11 +515,12 @@ impl PeerClient {
     }
 
     /// The open connection to `peer`, or a new one.
-    async fn connection(&self, peer: &Peer) -> Result<Connection, PeerError> {
+    /// The open connection to `peer` (`false`), or a new one (`true`).
+    async fn connection(&self, peer: &Peer) -> Result<(Connection, bool), PeerError> {
         let mut slot = peer.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
             if !connection.sender.is_closed() {
-                return Ok(connection.clone());
+                return Ok((connection.clone(), false));
             }
         }
         let site = peer.name().to_string();
@@ -513,7 +561,7 @@ impl PeerClient {
         });
         let connection = Connection { sender, refusal };
         *slot = Some(connection.clone());
-        Ok(connection)
+        Ok((connection, true))
     }
 
     /// Probes every peer each interval, forever; run as a background task.

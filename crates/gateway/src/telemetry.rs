@@ -72,9 +72,11 @@ impl IdGenerator for OperationTraceIds {
     }
 }
 
-/// Keeps the tracer provider alive; `shutdown` flushes spans still queued.
+/// Keeps the tracer provider and the log writer alive; `shutdown` flushes spans still queued,
+/// and dropping it flushes log lines still queued.
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 /// The longest a stop waits for queued spans to reach the collector.
@@ -171,14 +173,22 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
+    // Lines are written by a background thread, so request handling never waits on a
+    // write(2) or on a lock around stderr. Not lossy: a full queue (64k lines) makes logging
+    // wait rather than drop lines.
+    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(65_536)
+        .finish(std::io::stderr());
     let fmt_layer = if json {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .event_format(JsonLines)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
+            .with_ansi(std::io::stderr().is_terminal())
             .boxed()
     };
     // Spans reach the tracer whatever the log level: a quiet log must not mean no traces.
@@ -195,7 +205,10 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
         .with(fmt_layer.with_filter(filter()))
         .try_init()
         .map_err(|e| format!("logging was already set up: {e}"))?;
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        _log_writer: log_guard,
+    })
 }
 
 /// Opens the server span of one request: continues the caller's trace, or starts one whose
