@@ -296,7 +296,10 @@ pub struct LimitsConfig {
     /// A request not answered in this time fails. Default: 30.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
-    /// A client that has not sent its whole request head in this time is disconnected. Default: 10.
+    /// A client that has not sent its whole request head in this time is disconnected. It also
+    /// bounds how long an idle keep-alive connection stays open between requests (hyper's timer
+    /// runs whenever it waits for a request head); keep balancers' idle connection timeouts
+    /// below it. Default: 10.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout_secs: u64,
     /// Requests handled at once; more wait. Default: 1024.
