@@ -147,8 +147,10 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                 session_max_age_secs: 86_400,
             },
             limits: LimitsConfig::default(),
+            // JSON lines wherever logs are collected (services, files, CI); readable text when
+            // someone runs the site in a terminal.
             log: LogConfig {
-                format: LogFormat::Json,
+                format: LogFormat::Auto,
                 level: "info".into(),
             },
             tls: Some(TlsConfig {
