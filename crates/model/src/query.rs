@@ -212,10 +212,10 @@ impl TaskQuery {
                         .map(|s| TaskState::parse(s.trim()))
                         .collect::<Result<_, _>>()?
                 }
-                "type" => q.workflow_type = Some(value),
-                "resourceType" => q.resource_type = Some(value),
-                "resourceId" => q.resource_id = Some(value),
-                "resourceName" => q.resource_name = Some(value),
+                "type" => q.workflow_type = Some(text_filter(&name, value)?),
+                "resourceType" => q.resource_type = Some(text_filter(&name, value)?),
+                "resourceId" => q.resource_id = Some(text_filter(&name, value)?),
+                "resourceName" => q.resource_name = Some(text_filter(&name, value)?),
                 "startTimeBefore" => q.start_time_before = Some(parse_time(&name, &value)?),
                 "startTimeAfter" => q.start_time_after = Some(parse_time(&name, &value)?),
                 "endTimeBefore" => q.end_time_before = Some(parse_time(&name, &value)?),
@@ -308,6 +308,13 @@ fn form_urlencoded_pairs(q: &TaskQuery) -> Vec<(String, String)> {
     push("limit", q.limit.to_string());
     push("offset", q.offset.to_string());
     out
+}
+
+/// A filter on a stored text field: the same rules as when the field is written, so a value
+/// that can never be stored (too long, control characters) is refused, not searched for.
+fn text_filter(name: &str, value: String) -> Result<String, ModelError> {
+    crate::task::validate_text(name, &value)?;
+    Ok(value)
 }
 
 fn parse_ids(raw: &str) -> Result<Vec<Uuid>, ModelError> {
@@ -418,6 +425,8 @@ mod tests {
             "stat=RUNNING",
             "limit=1&limit=2",
             "user=bad%20name",
+            "type=sync%00",
+            "resourceName=a%0Ab",
         ] {
             assert!(TaskQuery::parse(Some(raw)).is_err(), "{raw}");
         }

@@ -194,6 +194,17 @@ pub const MAX_FIELD_LEN: usize = 256;
 pub const MAX_WARNINGS_PER_PATCH: usize = 100;
 pub const MAX_WARNINGS_PER_TASK: usize = 1000;
 
+/// A short text field of a task (workflow fields, `resultType`): at most [`MAX_FIELD_LEN`]
+/// bytes and no control characters, so it is safe in every store, log line and header.
+pub fn validate_text(name: &str, value: &str) -> Result<(), ModelError> {
+    if value.len() > MAX_FIELD_LEN || value.chars().any(char::is_control) {
+        return Err(ModelError::invalid(format!(
+            "{name} must be at most {MAX_FIELD_LEN} bytes with no control characters"
+        )));
+    }
+    Ok(())
+}
+
 /// `POST /tasks` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -218,11 +229,7 @@ impl NewTask {
             ("workflowInfo.resourceName", wf.resource_name.as_ref()),
         ] {
             if let Some(v) = value {
-                if v.len() > MAX_FIELD_LEN || v.chars().any(char::is_control) {
-                    return Err(ModelError::invalid(format!(
-                        "{name} must be at most {MAX_FIELD_LEN} characters with no control characters"
-                    )));
-                }
+                validate_text(name, v)?;
             }
         }
         Ok(())
@@ -299,6 +306,9 @@ impl TaskPatch {
             Some(TaskState::Succeeded) => {
                 if self.error.is_some() {
                     return Err(ModelError::invalid("a SUCCEEDED task has no error"));
+                }
+                if let Some(rt) = &self.result_type {
+                    validate_text("resultType", rt)?;
                 }
                 Some(Completion::Succeeded {
                     result_type: self.result_type,
@@ -528,6 +538,18 @@ mod tests {
         for (i, (patch, ok)) in cases.into_iter().enumerate() {
             assert_eq!(patch.validate().is_ok(), ok, "case {i}");
         }
+    }
+
+    #[test]
+    fn result_types_are_short_text() {
+        let patch = |rt: String| TaskPatch {
+            state: Some(TaskState::Succeeded),
+            result_type: Some(rt),
+            ..Default::default()
+        };
+        assert!(patch("string".into()).validate().is_ok());
+        assert!(patch("nul\0inside".into()).validate().is_err());
+        assert!(patch("x".repeat(257)).validate().is_err());
     }
 
     #[test]

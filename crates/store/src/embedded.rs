@@ -608,6 +608,9 @@ impl TaskStore for EmbeddedStore {
         self.read("get_tasks", move |conn| {
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
+                if out.iter().any(|t: &Task| t.id == id) {
+                    continue;
+                }
                 if let Some(t) = select_task(conn, id)? {
                     if owner.as_deref().is_none_or(|o| o == t.user) {
                         out.push(t);

@@ -84,7 +84,7 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn get_task(&self, id: Uuid) -> Result<Option<Task>, StoreError>;
 
     /// The tasks among `ids` that exist and belong to `owner` (any owner when `None`), in the
-    /// order of `ids`.
+    /// order of `ids`, each at most once (a repeated ID is answered once).
     async fn get_tasks(&self, ids: &[Uuid], owner: Option<&str>) -> Result<Vec<Task>, StoreError>;
 
     /// Applies a validated patch in one transaction; refuses tasks in a final state. Durable

@@ -1,12 +1,29 @@
-//! Integration tests of the embedded SQLite store, through the `TaskStore` and `SessionStore`
-//! traits only. Every expected answer is computed here from the seeded data, never read back
-//! from the SQL the store builds.
+//! The store conformance suite: the same cases, through the `TaskStore` and `SessionStore`
+//! traits only, against both backends: the embedded SQLite store (`embedded::*`) and
+//! PostgreSQL (`postgres::*`, a fresh database per test on one PostgreSQL cluster this test
+//! binary starts). Both backends must answer every case identically. Every expected answer is
+//! computed here from the seeded data, never read back from the SQL the store builds.
+//!
+//! Two handles on one store stand for two gateway replicas (`replicas_*` cases): two separate
+//! `PostgresStore`s (pools) on one database; for the embedded store, which serves one process,
+//! two clones of one handle.
+//!
+//! A few tests concern one backend only (`embedded_only::*`, `postgres_only::*`): opening
+//! storage, schema versions, a PostgreSQL outage (on a cluster of its own), several sites in
+//! one database. `postgres_linguistic_collation::*` reruns the sort cases in a database whose
+//! default collation is linguistic (ICU `en-US`), as deployments often have.
+//!
+//! Every PostgreSQL server this binary starts is stopped when it exits, however it exits
+//! (see [`stop_at_exit`]).
 
 #![allow(clippy::unwrap_used)]
 
 use std::cmp::Ordering;
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -15,23 +32,264 @@ use sitegate_model::session::{RemoteSession, Role};
 use sitegate_model::task::{NewTask, Task, TaskPatch, TaskState, ValidPatch, WorkflowInfo};
 use sitegate_model::{ErrorEnvelope, NOT_YET};
 use sitegate_store::{
-    now_millis, CreateOutcome, EmbeddedStore, SessionRecord, SessionStore, StoreError, TaskStore,
-    TokenHash,
+    now_millis, CreateOutcome, EmbeddedStore, PostgresStore, SessionRecord, Store, StoreError,
+    TaskStore, TokenHash,
 };
+use sitegate_testkit::PgCluster;
 use tempfile::TempDir;
 use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------------------
+
+/// The schema the PostgreSQL cases use (one fresh database per case).
+const SCHEMA: &str = "sitegate_test";
+/// The PostgreSQL pool size of each handle.
+const POOL: usize = 8;
+/// No case may take longer than this (2 shared cores: generous).
+const CASE_DEADLINE: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Embedded,
+    Postgres,
+}
+
+/// The concrete store behind a case's `Arc<dyn Store>`.
+#[derive(Clone)]
+enum Handle {
+    Embedded(EmbeddedStore),
+    Postgres(PostgresStore),
+}
+
+impl Handle {
+    /// A clone of this handle (sharing its threads or its pool) as a trait object.
+    fn shared(&self) -> Arc<dyn Store> {
+        match self {
+            Handle::Embedded(s) => Arc::new(s.clone()),
+            Handle::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+}
+
+/// Where a case's data lives; outlives every handle.
+enum Place {
+    Dir(TempDir),
+    Database { url: String },
+}
+
+/// What a case gets: a store and the means to open more handles on the same data.
+struct Ctx {
+    backend: Backend,
+    store: Arc<dyn Store>,
+    handle: Handle,
+    place: Place,
+}
+
+impl Ctx {
+    fn new(backend: Backend, handle: Handle, place: Place) -> Ctx {
+        Ctx {
+            backend,
+            store: handle.shared(),
+            handle,
+            place,
+        }
+    }
+
+    /// Another handle on the same data, as a second gateway replica holds it. PostgreSQL: a
+    /// separate `PostgresStore` with a pool and connections of its own. Embedded: an embedded
+    /// store serves one process (its directory lock makes sure), so the replicas of that
+    /// deployment are handles of the same store.
+    async fn replica(&self) -> Arc<dyn Store> {
+        match (&self.handle, &self.place) {
+            (Handle::Embedded(s), _) => Arc::new(s.clone()),
+            (Handle::Postgres(_), Place::Database { url }) => {
+                Arc::new(PostgresStore::connect(url, SCHEMA, POOL).await.unwrap())
+            }
+            (Handle::Postgres(_), Place::Dir(_)) => unreachable!("a database has a URL"),
+        }
+    }
+
+    /// Drops every handle and opens the same data again (the caller has dropped its clones):
+    /// the embedded store reopens its directory, PostgreSQL connects a new store to the URL.
+    async fn reopen(self) -> Ctx {
+        let Ctx {
+            backend,
+            store,
+            handle,
+            place,
+        } = self;
+        drop(store);
+        drop(handle);
+        let handle = match &place {
+            Place::Dir(dir) => Handle::Embedded(reopen(dir.path()).await),
+            Place::Database { url } => {
+                Handle::Postgres(PostgresStore::connect(url, SCHEMA, POOL).await.unwrap())
+            }
+        };
+        Ctx::new(backend, handle, place)
+    }
+}
+
+/// A fresh, empty store of `backend`.
+async fn open(backend: Backend) -> Ctx {
+    match backend {
+        Backend::Embedded => {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            Ctx::new(backend, Handle::Embedded(store), Place::Dir(dir))
+        }
+        Backend::Postgres => {
+            let url = new_database().await;
+            let store = PostgresStore::connect(&url, SCHEMA, POOL).await.unwrap();
+            Ctx::new(backend, Handle::Postgres(store), Place::Database { url })
+        }
+    }
+}
+
+/// Runs one case on a fresh store of `backend`, within [`CASE_DEADLINE`].
+async fn run_case<F, Fut>(backend: Backend, case: F)
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let ctx = open(backend).await;
+    assert_eq!(ctx.backend, backend);
+    if tokio::time::timeout(CASE_DEADLINE, case(ctx))
+        .await
+        .is_err()
+    {
+        panic!("the case did not finish within {CASE_DEADLINE:?} on {backend:?}");
+    }
+}
+
+/// The PostgreSQL cluster every PostgreSQL case of this test binary shares (each case gets a
+/// database of its own). Statics are never dropped, so [`stop_at_exit`] stops it.
+static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+
+fn shared_cluster() -> &'static PgCluster {
+    CLUSTER.get_or_init(|| {
+        let cluster = PgCluster::start();
+        stop_at_exit(&cluster);
+        cluster
+    })
+}
+
+/// A fresh database on the shared cluster (started on first use).
+async fn new_database() -> String {
+    tokio::task::spawn_blocking(|| shared_cluster().create_database())
+        .await
+        .unwrap()
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Makes sure `cluster`'s server does not outlive this test process, however it ends: a
+/// detached shell waits for the process to go, then stops the server (immediate) and removes
+/// its directory. (`pg_ctl` daemonizes the server, so it would not die with us; a static
+/// `PgCluster` is never dropped, and a killed process drops nothing.) For a cluster that was
+/// dropped already, the stop and the removal find nothing to do.
+fn stop_at_exit(cluster: &PgCluster) {
+    let run_as = if running_as_root() {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
+    // `$1` the test process, `$2` the cluster directory, `$3` the server binaries. A
+    // background job of a non-interactive shell ignores SIGINT, so ^C does not skip it.
+    let script = format!(
+        r#"(while kill -0 "$1" 2>/dev/null; do sleep 1; done
+            {run_as}"$3/pg_ctl" -D "$2/data" -m immediate -w stop
+            rm -rf "$2") </dev/null >/dev/null 2>&1 &"#
+    );
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sitegate-pg-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(cluster.dir())
+        .arg(sitegate_testkit::pg_bindir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot start the cluster's watchdog");
+}
+
+/// Generates, for every case, `embedded::<case>` and `postgres::<case>`.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $case() {
+                    super::run_case(super::Backend::Embedded, super::$case).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $case() {
+                    super::run_case(super::Backend::Postgres, super::$case).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    create_task_starts_running_and_reads_back,
+    create_without_id_gives_distinct_ids,
+    create_with_existing_id_is_idempotent_or_rejected,
+    update_task_progress_warnings_and_success,
+    update_task_failure_keeps_error,
+    update_task_success_without_result_and_with_progress,
+    update_unknown_task_is_not_found,
+    warnings_are_capped_per_task_atomically,
+    query_filters_match_an_independent_filter,
+    query_sorts_with_id_tiebreak,
+    query_paging_concatenates_to_the_full_list,
+    query_every_sort_pages_with_total,
+    query_text_sorts_bytewise_and_filters_exactly,
+    query_unstorable_filter_values_match_nothing,
+    completion_values_round_trip_exactly,
+    query_total_and_items_agree_under_writes,
+    query_owner_restricts_to_one_user,
+    get_tasks_keeps_order_and_drops_missing_and_foreign,
+    sessions_round_trip,
+    touch_session_only_moves_forward,
+    delete_session_reports_whether_it_deleted,
+    purge_sessions_removes_idle_and_old_only,
+    session_extensions_put_replace_remove,
+    concurrent_extension_puts_lose_no_site,
+    concurrent_creates_and_patches_all_land,
+    concurrent_patches_of_one_task_lose_no_update,
+    concurrent_completions_only_one_wins,
+    concurrent_creates_with_one_id,
+    failed_writes_do_not_spoil_their_batch,
+    replicas_patch_one_task_lose_no_update,
+    replicas_race_to_complete_only_one_wins,
+    replicas_create_one_id_idempotently,
+    replicas_parallel_writers_all_land,
+    replicas_share_sessions,
+    data_survives_reopening,
+    store_handles_are_shared_clones,
+);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
 const SITE: &str = "site1";
-
-fn open_new() -> (TempDir, EmbeddedStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    (dir, store)
-}
 
 /// Opens the store in `dir`, retrying for a short while: a dropped store's threads close their
 /// connections in the background, and SQLite may briefly hold a lock while they do.
@@ -114,7 +372,7 @@ fn fail(error: ErrorEnvelope) -> ValidPatch {
     .unwrap()
 }
 
-async fn create(store: &EmbeddedStore, user: &str, info: WorkflowInfo) -> Task {
+async fn create(store: &Arc<dyn Store>, user: &str, info: WorkflowInfo) -> Task {
     match store
         .create_task(new_task(None, user, info), SITE)
         .await
@@ -212,8 +470,8 @@ const TYPES: [&str; 3] = ["sync", "backup", "migrate"];
 const RTYPES: [Option<&str>; 5] = [Some("vm"), Some("disk"), None, Some("net"), Some("vm")];
 
 struct Seeded {
-    _dir: TempDir,
-    store: EmbeddedStore,
+    _ctx: Ctx,
+    store: Arc<dyn Store>,
     /// Every task as the store last returned it, in creation order.
     tasks: Vec<Task>,
 }
@@ -222,8 +480,8 @@ struct Seeded {
 /// i%5==2 SUCCEEDED, i%5==3 FAILED, the rest RUNNING (i%5==4 with progress and a warning).
 /// Creates sleep 2 ms after every odd index, so start times spread out yet pairs may tie;
 /// tasks finish in reverse creation order so endTime order differs from startTime order.
-async fn seed() -> Seeded {
-    let (dir, store) = open_new();
+async fn seed(ctx: Ctx) -> Seeded {
+    let store = ctx.store.clone();
     let mut tasks: Vec<Task> = Vec::with_capacity(SEEDED);
     for i in 0..SEEDED {
         let user = if i % 2 == 0 { "alice" } else { "bob" };
@@ -265,7 +523,7 @@ async fn seed() -> Seeded {
     let stored = store.get_tasks(&ids_of(&tasks), None).await.unwrap();
     assert_eq!(stored, tasks);
     Seeded {
-        _dir: dir,
+        _ctx: ctx,
         store,
         tasks,
     }
@@ -275,9 +533,8 @@ async fn seed() -> Seeded {
 // 1. create_task / get_task
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn create_task_starts_running_and_reads_back() {
-    let (_dir, store) = open_new();
+async fn create_task_starts_running_and_reads_back(ctx: Ctx) {
+    let store = ctx.store.clone();
     store.ping().await.unwrap();
     let cases = [
         ("alice", wf("sync", None, None, None)),
@@ -339,9 +596,8 @@ async fn create_task_starts_running_and_reads_back() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn create_without_id_gives_distinct_ids() {
-    let (_dir, store) = open_new();
+async fn create_without_id_gives_distinct_ids(ctx: Ctx) {
+    let store = ctx.store.clone();
     let info = wf("sync", None, None, None);
     let a = create(&store, "alice", info.clone()).await;
     let b = create(&store, "alice", info).await;
@@ -349,23 +605,12 @@ async fn create_without_id_gives_distinct_ids() {
     assert_eq!(store.query_tasks(&query(""), None).await.unwrap().total, 2);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn open_creates_missing_directories() {
-    let dir = tempfile::tempdir().unwrap();
-    let nested = dir.path().join("a").join("b");
-    let store = EmbeddedStore::open(&nested).unwrap();
-    store.ping().await.unwrap();
-    assert!(nested.join("sitegate.db").exists());
-    assert!(store.get_task(Uuid::new_v4()).await.unwrap().is_none());
-}
-
 // ---------------------------------------------------------------------------------------------
 // 2. Idempotent create
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn create_with_existing_id_is_idempotent_or_rejected() {
-    let (_dir, store) = open_new();
+async fn create_with_existing_id_is_idempotent_or_rejected(ctx: Ctx) {
+    let store = ctx.store.clone();
     let id = Uuid::new_v4();
     let info = wf("sync", Some("vm"), Some("vm-1"), Some("first vm"));
     let original = match store
@@ -497,9 +742,8 @@ fn all_patch_kinds() -> Vec<(&'static str, ValidPatch)> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn update_task_progress_warnings_and_success() {
-    let (_dir, store) = open_new();
+async fn update_task_progress_warnings_and_success(ctx: Ctx) {
+    let store = ctx.store.clone();
     let t0 = create(&store, "alice", wf("sync", Some("vm"), None, None)).await;
     let (w1, w2, w3) = (
         envelope("W1", "first"),
@@ -586,9 +830,8 @@ async fn update_task_progress_warnings_and_success() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn update_task_failure_keeps_error() {
-    let (_dir, store) = open_new();
+async fn update_task_failure_keeps_error(ctx: Ctx) {
+    let store = ctx.store.clone();
     let t0 = create(&store, "bob", wf("backup", None, None, None)).await;
     store.update_task(t0.id, progress(40)).await.unwrap();
     let err = ErrorEnvelope {
@@ -617,9 +860,8 @@ async fn update_task_failure_keeps_error() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn update_task_success_without_result_and_with_progress() {
-    let (_dir, store) = open_new();
+async fn update_task_success_without_result_and_with_progress(ctx: Ctx) {
+    let store = ctx.store.clone();
     let t = create(&store, "alice", wf("sync", None, None, None)).await;
     let patch = TaskPatch {
         progress: Some(7),
@@ -651,9 +893,8 @@ async fn update_task_success_without_result_and_with_progress() {
     assert_eq!(got, done);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn update_unknown_task_is_not_found() {
-    let (_dir, store) = open_new();
+async fn update_unknown_task_is_not_found(ctx: Ctx) {
+    let store = ctx.store.clone();
     let existing = create(&store, "alice", wf("sync", None, None, None)).await;
     for (name, patch) in all_patch_kinds() {
         let id = Uuid::new_v4();
@@ -675,10 +916,9 @@ async fn update_unknown_task_is_not_found() {
     assert_eq!(store.query_tasks(&query(""), None).await.unwrap().total, 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn warnings_are_capped_per_task_atomically() {
+async fn warnings_are_capped_per_task_atomically(ctx: Ctx) {
     use sitegate_model::task::{MAX_WARNINGS_PER_PATCH, MAX_WARNINGS_PER_TASK};
-    let (_dir, store) = open_new();
+    let store = ctx.store.clone();
     let t = create(&store, "alice", wf("sync", None, None, None)).await;
     let rounds = MAX_WARNINGS_PER_TASK / MAX_WARNINGS_PER_PATCH;
     let mut last = t.clone();
@@ -714,9 +954,8 @@ async fn warnings_are_capped_per_task_atomically() {
 
 type Pred = Box<dyn Fn(&Task) -> bool>;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn query_filters_match_an_independent_filter() {
-    let s = seed().await;
+async fn query_filters_match_an_independent_filter(ctx: Ctx) {
+    let s = seed(ctx).await;
     let all = &s.tasks;
     let default_sort = TaskQuery::default().sort;
 
@@ -911,9 +1150,8 @@ async fn query_filters_match_an_independent_filter() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn query_sorts_with_id_tiebreak() {
-    let s = seed().await;
+async fn query_sorts_with_id_tiebreak(ctx: Ctx) {
+    let s = seed(ctx).await;
     let sorts = [
         "startTime",
         "-startTime",
@@ -979,9 +1217,8 @@ async fn query_sorts_with_id_tiebreak() {
     assert_eq!(ids_of(&page.items), ids_of(&expected));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn query_paging_concatenates_to_the_full_list() {
-    let s = seed().await;
+async fn query_paging_concatenates_to_the_full_list(ctx: Ctx) {
+    let s = seed(ctx).await;
     let cases = [
         ("", 7),
         ("sort=startTime", 1),
@@ -1053,9 +1290,296 @@ async fn query_paging_concatenates_to_the_full_list() {
     assert_eq!(page.total, SEEDED as u64);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn query_owner_restricts_to_one_user() {
-    let s = seed().await;
+/// Every sort field, in both directions, with and without filters, paged with a small limit:
+/// every page reports the full total and holds exactly its slice of the independently sorted
+/// list (ties broken by id, NULLs first ascending and last descending).
+async fn query_every_sort_pages_with_total(ctx: Ctx) {
+    const FIELDS: [&str; 11] = [
+        "startTime",
+        "lastUpdated",
+        "endTime",
+        "progress",
+        "state",
+        "user",
+        "id",
+        "type",
+        "resourceType",
+        "resourceId",
+        "resourceName",
+    ];
+    const LIMIT: usize = 7;
+    let s = seed(ctx).await;
+    let filters: Vec<(&str, Pred)> = vec![
+        ("", Box::new(|_| true)),
+        (
+            "&state=RUNNING,FAILED",
+            Box::new(|t| t.state != TaskState::Succeeded),
+        ),
+        (
+            "&resourceType=vm&user=alice",
+            Box::new(|t| {
+                t.user == "alice" && t.workflow_info.resource_type.as_deref() == Some("vm")
+            }),
+        ),
+    ];
+    for field in FIELDS {
+        for descending in [false, true] {
+            let sort = format!("sort={}{field}", if descending { "-" } else { "" });
+            for (filter, pred) in &filters {
+                let keys = query(&sort).sort;
+                let expected = sorted(s.tasks.iter().filter(|t| pred(t)).cloned(), &keys);
+                assert!(!expected.is_empty(), "{sort}{filter}: matches nothing");
+                let mut offset = 0;
+                loop {
+                    let raw = format!("{sort}{filter}&limit={LIMIT}&offset={offset}");
+                    let page = s.store.query_tasks(&query(&raw), None).await.unwrap();
+                    assert_eq!(page.total, expected.len() as u64, "{raw}: total");
+                    let slice: Vec<Task> =
+                        expected.iter().skip(offset).take(LIMIT).cloned().collect();
+                    assert_eq!(ids_of(&page.items), ids_of(&slice), "{raw}: order");
+                    assert_eq!(page.items, slice, "{raw}: whole tasks");
+                    if page.items.len() < LIMIT {
+                        break;
+                    }
+                    offset += LIMIT;
+                }
+                assert!(offset <= expected.len(), "{sort}{filter}");
+            }
+        }
+    }
+}
+
+/// Text sorts by its bytes (UTF-8), in both backends: upper case before lower case,
+/// punctuation by its code, non-ASCII after ASCII; and filters match exactly (case, accents,
+/// LIKE wildcards are plain characters).
+async fn query_text_sorts_bytewise_and_filters_exactly(ctx: Ctx) {
+    let store = ctx.store.clone();
+    let users = [
+        "alice", "Alice", "ALICE", "Zed", "zed", "_x", "a.b", "a-b", "a_b", "a@b", "0day", "9",
+        "ab", "aB",
+    ];
+    let texts = [
+        "sync", "Sync", "SYNC", "sync_", "sy%c", "Émile", "émile", "emile", "zebra", "Zebra",
+        "a b", "a-b", "ab", "日本", "ß", "ss", "~", "",
+    ];
+    let mut tasks = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        for k in 0..2 {
+            let j = (i * 2 + k) % texts.len();
+            let ty = if texts[j].is_empty() { "t" } else { texts[j] };
+            let info = wf(
+                ty,
+                [false, true, true][j % 3].then_some(texts[(j + 5) % texts.len()]),
+                (j % 4 != 1).then_some(texts[(j + 7) % texts.len()]),
+                Some(texts[(j + 11) % texts.len()]),
+            );
+            tasks.push(create(&store, user, info).await);
+        }
+    }
+    for sort in [
+        "user",
+        "-user",
+        "type",
+        "-type",
+        "resourceType",
+        "-resourceType",
+        "resourceId",
+        "-resourceId",
+        "resourceName",
+        "-resourceName",
+        "user,-type",
+        "resourceType,resourceName-",
+    ] {
+        let raw = format!("sort={sort}&limit=1000");
+        let q = query(&raw);
+        let expected = sorted(tasks.iter().cloned(), &q.sort);
+        let page = store.query_tasks(&q, None).await.unwrap();
+        assert_eq!(page.total, tasks.len() as u64, "{raw}");
+        let got: Vec<(&str, &str)> = page
+            .items
+            .iter()
+            .map(|t| (t.user.as_str(), t.workflow_info.workflow_type.as_str()))
+            .collect();
+        let want: Vec<(&str, &str)> = expected
+            .iter()
+            .map(|t| (t.user.as_str(), t.workflow_info.workflow_type.as_str()))
+            .collect();
+        assert_eq!(got, want, "{raw}: not in byte order");
+        assert_eq!(ids_of(&page.items), ids_of(&expected), "{raw}");
+    }
+    let filters: Vec<(&str, Pred)> = vec![
+        ("user=Alice", Box::new(|t| t.user == "Alice")),
+        ("user=a_b", Box::new(|t| t.user == "a_b")),
+        (
+            "type=sync",
+            Box::new(|t| t.workflow_info.workflow_type == "sync"),
+        ),
+        (
+            "type=SYNC",
+            Box::new(|t| t.workflow_info.workflow_type == "SYNC"),
+        ),
+        (
+            "type=sy%25c",
+            Box::new(|t| t.workflow_info.workflow_type == "sy%c"),
+        ),
+        ("type=sy_c", Box::new(|_| false)),
+        ("type=sync%25", Box::new(|_| false)),
+        (
+            "type=%C3%A9mile",
+            Box::new(|t| t.workflow_info.workflow_type == "émile"),
+        ),
+        (
+            "type=ss",
+            Box::new(|t| t.workflow_info.workflow_type == "ss"),
+        ),
+        (
+            "resourceName=%E6%97%A5%E6%9C%AC",
+            Box::new(|t| t.workflow_info.resource_name.as_deref() == Some("日本")),
+        ),
+        (
+            "resourceType=a+b",
+            Box::new(|t| t.workflow_info.resource_type.as_deref() == Some("a b")),
+        ),
+        (
+            "resourceId=",
+            Box::new(|t| t.workflow_info.resource_id.as_deref() == Some("")),
+        ),
+    ];
+    for (raw, pred) in filters {
+        let q = query(raw);
+        let expected = sorted(tasks.iter().filter(|t| pred(t)).cloned(), &q.sort);
+        let page = store.query_tasks(&q, None).await.unwrap();
+        assert_eq!(page.total, expected.len() as u64, "{raw}: total");
+        assert_eq!(page.items, expected, "{raw}: items");
+    }
+}
+
+/// A filter value that no stored task can hold (a control character, which task creation
+/// refuses, even NUL) simply matches nothing, if the query is accepted at all: an empty page
+/// and a total of 0, not a database error.
+async fn query_unstorable_filter_values_match_nothing(ctx: Ctx) {
+    let store = ctx.store.clone();
+    create(
+        &store,
+        "alice",
+        wf("sync", Some("vm"), Some("1"), Some("n")),
+    )
+    .await;
+    for raw in [
+        "type=sync%00",
+        "type=%00",
+        "resourceType=vm%00x",
+        "resourceId=%001",
+        "resourceName=n%00",
+        "type=sync%01",
+        "resourceName=%1B%5B0m",
+    ] {
+        // The model may refuse these one day; what it accepts, the store must answer.
+        let Ok(q) = TaskQuery::parse(Some(raw)) else {
+            continue;
+        };
+        let got = store.query_tasks(&q, None).await;
+        assert!(
+            matches!(&got, Ok(page) if page.total == 0 && page.items.is_empty()),
+            "{raw}: expected an empty page, got {got:?}"
+        );
+    }
+}
+
+/// Whatever a validated completion or warning carries is stored faithfully and read back
+/// equal: any Unicode, control characters (even NUL) in `resultType`, in the result's JSON,
+/// in error and warning envelopes.
+async fn completion_values_round_trip_exactly(ctx: Ctx) {
+    let store = ctx.store.clone();
+    let odd = "nul\u{0} bell\u{7} tab\t nl\n quote\" backslash\\ é 日本 🦀 \u{202e}";
+    let result_types = [
+        "plain",
+        "",
+        "日本 🦀",
+        "tab\tnewline\n",
+        "nul\u{0}inside",
+        "\u{0}",
+        odd,
+    ];
+    for rt in result_types {
+        let t = create(&store, "alice", wf("sync", None, None, None)).await;
+        let patch = TaskPatch {
+            state: Some(TaskState::Succeeded),
+            result_type: Some(rt.to_owned()),
+            result: Some(json!({ "s": odd, "n": [1, -2.5, 1e300, null], "k\u{0}": true })),
+            warnings: Some(vec![envelope(odd, odd)]),
+            ..Default::default()
+        };
+        // The model may refuse some of these one day; what it accepts, the store keeps.
+        let Ok(patch) = patch.validate() else {
+            continue;
+        };
+        let done = store.update_task(t.id, patch).await;
+        let done = done.unwrap_or_else(|e| panic!("resultType {rt:?}: {e:?}"));
+        assert_eq!(done.result_type.as_deref(), Some(rt));
+        assert_eq!(
+            store.get_task(t.id).await.unwrap().as_ref(),
+            Some(&done),
+            "resultType {rt:?}"
+        );
+    }
+    let t = create(&store, "bob", wf("sync", None, None, None)).await;
+    let failed = store
+        .update_task(
+            t.id,
+            fail(ErrorEnvelope {
+                code: odd.to_owned(),
+                msg: odd.to_owned(),
+                args: vec![odd.to_owned(), String::new()],
+                stacktrace: odd.repeat(100),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.get_task(t.id).await.unwrap(), Some(failed));
+}
+
+/// `total` and `items` describe one snapshot even while tasks are being created: a page that
+/// holds every match has exactly `total` items, and totals never go back.
+async fn query_total_and_items_agree_under_writes(ctx: Ctx) {
+    const CREATES: usize = 120;
+    let store = ctx.store.clone();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for j in 0..CREATES {
+                let t = create(&store, "alice", wf(TYPES[j % 3], None, None, None)).await;
+                if j % 2 == 0 {
+                    store.update_task(t.id, succeed(None, None)).await.unwrap();
+                }
+            }
+        })
+    };
+    let mut last_total = 0;
+    let mut rounds = 0;
+    while !writer.is_finished() || rounds == 0 {
+        rounds += 1;
+        for raw in ["limit=1000", "state=SUCCEEDED&limit=1000&sort=-endTime"] {
+            let page = store.query_tasks(&query(raw), None).await.unwrap();
+            assert_eq!(
+                page.items.len() as u64,
+                page.total,
+                "{raw}: items and total disagree"
+            );
+            if raw == "limit=1000" {
+                assert!(page.total >= last_total, "the total went back");
+                last_total = page.total;
+            }
+        }
+    }
+    writer.await.unwrap();
+    let page = store.query_tasks(&query("limit=0"), None).await.unwrap();
+    assert_eq!(page.total, CREATES as u64);
+    eprintln!("{rounds} rounds of queries overlapped the writes");
+}
+
+async fn query_owner_restricts_to_one_user(ctx: Ctx) {
+    let s = seed(ctx).await;
     let cases: Vec<(&str, Option<&str>, Pred)> = vec![
         ("", Some("alice"), Box::new(|t| t.user == "alice")),
         ("", Some("bob"), Box::new(|t| t.user == "bob")),
@@ -1108,9 +1632,8 @@ async fn query_owner_restricts_to_one_user() {
 // 5. get_tasks
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn get_tasks_keeps_order_and_drops_missing_and_foreign() {
-    let (_dir, store) = open_new();
+async fn get_tasks_keeps_order_and_drops_missing_and_foreign(ctx: Ctx) {
+    let store = ctx.store.clone();
     let a1 = create(&store, "alice", wf("sync", None, None, None)).await;
     let b1 = create(&store, "bob", wf("sync", None, None, None)).await;
     let a2 = create(&store, "alice", wf("backup", None, None, None)).await;
@@ -1152,9 +1675,8 @@ async fn get_tasks_keeps_order_and_drops_missing_and_foreign() {
 // 6. Sessions
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sessions_round_trip() {
-    let (_dir, store) = open_new();
+async fn sessions_round_trip(ctx: Ctx) {
+    let store = ctx.store.clone();
     assert_eq!(store.count_sessions().await.unwrap(), 0);
     let cases = [
         session(1, "alice", vec![Role::User], 1_000, 1_000),
@@ -1196,9 +1718,8 @@ async fn sessions_round_trip() {
     assert_eq!(store.count_sessions().await.unwrap(), cases.len() as u64);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn touch_session_only_moves_forward() {
-    let (_dir, store) = open_new();
+async fn touch_session_only_moves_forward(ctx: Ctx) {
+    let store = ctx.store.clone();
     let s = session(7, "alice", vec![Role::User], 1_000, 5_000);
     store.create_session(s.clone()).await.unwrap();
     // (touch time, last_seen afterwards)
@@ -1225,9 +1746,8 @@ async fn touch_session_only_moves_forward() {
     assert_eq!(store.count_sessions().await.unwrap(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn delete_session_reports_whether_it_deleted() {
-    let (_dir, store) = open_new();
+async fn delete_session_reports_whether_it_deleted(ctx: Ctx) {
+    let store = ctx.store.clone();
     let a = session(1, "alice", vec![Role::User], 1, 1);
     let b = session(2, "bob", vec![Role::User], 1, 1);
     store.create_session(a.clone()).await.unwrap();
@@ -1254,9 +1774,8 @@ async fn delete_session_reports_whether_it_deleted() {
     assert_eq!(store.count_sessions().await.unwrap(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn purge_sessions_removes_idle_and_old_only() {
-    let (_dir, store) = open_new();
+async fn purge_sessions_removes_idle_and_old_only(ctx: Ctx) {
+    let store = ctx.store.clone();
     let idle_before = 500;
     let created_before = 300;
     // (seed, created, last_seen, purged?)
@@ -1312,9 +1831,8 @@ async fn purge_sessions_removes_idle_and_old_only() {
     assert_eq!(store.count_sessions().await.unwrap(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn session_extensions_put_replace_remove() {
-    let (_dir, store) = open_new();
+async fn session_extensions_put_replace_remove(ctx: Ctx) {
+    let store = ctx.store.clone();
     let mut s = session(1, "alice", vec![Role::User], 10, 10);
     s.extensions = vec![remote("site2", "alice", "t2")];
     store.create_session(s.clone()).await.unwrap();
@@ -1387,10 +1905,9 @@ async fn session_extensions_put_replace_remove() {
         .unwrap());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_extension_puts_lose_no_site() {
+async fn concurrent_extension_puts_lose_no_site(ctx: Ctx) {
     const SITES: usize = 16;
-    let (_dir, store) = open_new();
+    let store = ctx.store.clone();
     store
         .create_session(session(1, "alice", vec![Role::User], 1, 1))
         .await
@@ -1420,11 +1937,10 @@ async fn concurrent_extension_puts_lose_no_site() {
 // 7. Concurrency
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_creates_and_patches_all_land() {
+async fn concurrent_creates_and_patches_all_land(ctx: Ctx) {
     const WORKERS: usize = 8;
     const PER_WORKER: usize = 50;
-    let (_dir, store) = open_new();
+    let store = ctx.store.clone();
     let mut handles = Vec::new();
     for w in 0..WORKERS {
         let store = store.clone();
@@ -1492,11 +2008,10 @@ async fn concurrent_creates_and_patches_all_land() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_patches_of_one_task_lose_no_update() {
+async fn concurrent_patches_of_one_task_lose_no_update(ctx: Ctx) {
     const WORKERS: usize = 2;
     const PATCHES: usize = 20;
-    let (_dir, store) = open_new();
+    let store = ctx.store.clone();
     let task = create(&store, "alice", wf("sync", None, None, None)).await;
     let mut handles = Vec::new();
     for w in 0..WORKERS {
@@ -1537,10 +2052,9 @@ async fn concurrent_patches_of_one_task_lose_no_update() {
     assert_eq!(got.state, TaskState::Running);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_completions_only_one_wins() {
+async fn concurrent_completions_only_one_wins(ctx: Ctx) {
     const RACERS: usize = 8;
-    let (_dir, store) = open_new();
+    let store = ctx.store.clone();
     let task = create(&store, "alice", wf("sync", None, None, None)).await;
     let mut handles = Vec::new();
     for r in 0..RACERS {
@@ -1567,10 +2081,9 @@ async fn concurrent_completions_only_one_wins() {
     assert!(stored.state.is_final());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_creates_with_one_id() {
+async fn concurrent_creates_with_one_id(ctx: Ctx) {
     const RACERS: usize = 8;
-    let (_dir, store) = open_new();
+    let store = ctx.store.clone();
 
     // Same body: one Created, the rest AlreadyExisted with the same task.
     let id = Uuid::new_v4();
@@ -1628,10 +2141,9 @@ async fn concurrent_creates_with_one_id() {
 
 /// Writes that fail share group commits with writes that succeed; each failure is undone
 /// alone and every success stays.
-#[tokio::test(flavor = "multi_thread")]
-async fn failed_writes_do_not_spoil_their_batch() {
+async fn failed_writes_do_not_spoil_their_batch(ctx: Ctx) {
     const N: usize = 60;
-    let (_dir, store) = open_new();
+    let store = ctx.store.clone();
     let finished = create(&store, "alice", wf("sync", None, None, None)).await;
     store
         .update_task(finished.id, succeed(None, None))
@@ -1702,13 +2214,406 @@ async fn failed_writes_do_not_spoil_their_batch() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 8. Persistence
+// 8. Replicas: two handles on one store, as two gateway replicas hold them
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn data_survives_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
+/// Two replicas patch one task at once, two writers each: no patch is lost, every answer is a
+/// state the task really went through (each patch applied on top of the one before), times
+/// never go back, and both replicas read the same task.
+async fn replicas_patch_one_task_lose_no_update(ctx: Ctx) {
+    const WRITERS_PER_REPLICA: usize = 2;
+    const PATCHES: usize = 15;
+    let replicas = [ctx.store.clone(), ctx.replica().await];
+    let task = create(&replicas[0], "alice", wf("sync", None, None, None)).await;
+    assert_eq!(
+        replicas[1].get_task(task.id).await.unwrap().as_ref(),
+        Some(&task),
+        "a create acknowledged by one replica is seen by the other"
+    );
+    let mut handles = Vec::new();
+    for (r, replica) in replicas.iter().enumerate() {
+        for w in 0..WRITERS_PER_REPLICA {
+            let store = replica.clone();
+            let code = format!("R{r}W{w}");
+            handles.push(tokio::spawn(async move {
+                let mut answers = Vec::with_capacity(PATCHES);
+                for j in 0..PATCHES {
+                    let patch = TaskPatch {
+                        progress: Some(j as i64),
+                        warnings: Some(vec![envelope(&code, &j.to_string())]),
+                        ..Default::default()
+                    }
+                    .validate()
+                    .unwrap();
+                    answers.push(store.update_task(task.id, patch).await.unwrap());
+                }
+                answers
+            }));
+        }
+    }
+    let mut answers: Vec<Task> = Vec::new();
+    for h in handles {
+        answers.extend(h.await.unwrap());
+    }
+    let total = replicas.len() * WRITERS_PER_REPLICA * PATCHES;
+    let got = replicas[0].get_task(task.id).await.unwrap().unwrap();
+    assert_eq!(
+        replicas[1].get_task(task.id).await.unwrap().as_ref(),
+        Some(&got),
+        "both replicas read the same task"
+    );
+    assert_eq!(got.warnings.len(), total, "a concurrent patch was lost");
+    assert_eq!(got.state, TaskState::Running);
+    for r in 0..replicas.len() {
+        for w in 0..WRITERS_PER_REPLICA {
+            let code = format!("R{r}W{w}");
+            let msgs: Vec<String> = got
+                .warnings
+                .iter()
+                .filter(|x| x.code == code)
+                .map(|x| x.msg.clone())
+                .collect();
+            let expected: Vec<String> = (0..PATCHES).map(|j| j.to_string()).collect();
+            assert_eq!(msgs, expected, "{code}'s warnings, in its order");
+        }
+    }
+    // Each answer saw a different number of warnings, and each is a prefix of the final list.
+    let mut lens: Vec<usize> = answers.iter().map(|t| t.warnings.len()).collect();
+    lens.sort_unstable();
+    assert_eq!(
+        lens,
+        (1..=total).collect::<Vec<_>>(),
+        "two patches saw one state"
+    );
+    for t in &answers {
+        assert_eq!(
+            t.warnings[..],
+            got.warnings[..t.warnings.len()],
+            "an answer is not a state the task went through"
+        );
+    }
+    answers.sort_by_key(|t| t.warnings.len());
+    for pair in answers.windows(2) {
+        assert!(
+            pair[0].last_updated <= pair[1].last_updated,
+            "lastUpdated went back"
+        );
+    }
+    assert_eq!(answers.last(), Some(&got));
+}
+
+/// Completions raced through two replicas, with progress patches among them: exactly one
+/// completion wins; afterwards the task is final through either replica.
+async fn replicas_race_to_complete_only_one_wins(ctx: Ctx) {
+    const RACERS_PER_REPLICA: usize = 4;
+    let replicas = [ctx.store.clone(), ctx.replica().await];
+    let task = create(&replicas[1], "alice", wf("sync", None, None, None)).await;
+    replicas[0]
+        .update_task(task.id, progress(10))
+        .await
+        .unwrap();
+    let before = replicas[1]
+        .update_task(task.id, warnings(vec![envelope("W", "before")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        before.progress, 10,
+        "a patch through one replica builds on the other's"
+    );
+
+    let mut handles = Vec::new();
+    for (r, replica) in replicas.iter().enumerate() {
+        for k in 0..RACERS_PER_REPLICA {
+            let store = replica.clone();
+            handles.push(tokio::spawn(async move {
+                let (completes, patch) = match k % 4 {
+                    0 => (true, succeed(Some("racer"), Some(json!([r, k])))),
+                    1 => (true, fail(envelope("Racer", &format!("{r}/{k}")))),
+                    2 => (false, progress(50 + k as i64)),
+                    _ => (
+                        false,
+                        warnings(vec![envelope("Racer", &format!("{r}/{k}"))]),
+                    ),
+                };
+                (completes, store.update_task(task.id, patch).await)
+            }));
+        }
+    }
+    let mut winners = Vec::new();
+    for h in handles {
+        match h.await.unwrap() {
+            (true, Ok(t)) => winners.push(t),
+            (false, Ok(t)) => assert_eq!(t.state, TaskState::Running),
+            (_, Err(e)) => assert_eq!(e, StoreError::TaskAlreadyFinal(task.id)),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one completion wins");
+    let done = winners.pop().unwrap();
+    assert!(done.state.is_final());
+    assert!(done.end_time >= before.last_updated);
+    assert_eq!(done.warnings[0], before.warnings[0]);
+    for replica in &replicas {
+        assert_eq!(
+            replica.get_task(task.id).await.unwrap().as_ref(),
+            Some(&done)
+        );
+    }
+    // The final-state rule, through either replica.
+    for (name, patch) in all_patch_kinds() {
+        for (r, replica) in replicas.iter().enumerate() {
+            assert_eq!(
+                replica.update_task(task.id, patch.clone()).await,
+                Err(StoreError::TaskAlreadyFinal(task.id)),
+                "{name} through replica {r}"
+            );
+        }
+        for replica in &replicas {
+            assert_eq!(
+                replica.get_task(task.id).await.unwrap().as_ref(),
+                Some(&done),
+                "{name}: a final task is unchanged"
+            );
+        }
+    }
+}
+
+/// One caller-chosen id created through both replicas at once: one Created, every other answer
+/// AlreadyExisted with the same task; a contradicting body is refused through either replica.
+async fn replicas_create_one_id_idempotently(ctx: Ctx) {
+    const RACERS_PER_REPLICA: usize = 4;
+    let replicas = [ctx.store.clone(), ctx.replica().await];
+    let id = Uuid::new_v4();
+    let info = wf("backup", Some("vm"), Some("vm-7"), None);
+    let mut handles = Vec::new();
+    for replica in &replicas {
+        for _ in 0..RACERS_PER_REPLICA {
+            let store = replica.clone();
+            let new = new_task(Some(id), "alice", info.clone());
+            handles.push(tokio::spawn(async move {
+                store.create_task(new, SITE).await.unwrap()
+            }));
+        }
+    }
+    let mut outcomes = Vec::new();
+    for h in handles {
+        outcomes.push(h.await.unwrap());
+    }
+    let created: Vec<&Task> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            CreateOutcome::Created(t) => Some(t),
+            CreateOutcome::AlreadyExisted(_) => None,
+        })
+        .collect();
+    assert_eq!(created.len(), 1, "exactly one create inserts");
+    let original = created[0].clone();
+    assert!(outcomes.iter().all(|o| o.task() == &original));
+    for replica in &replicas {
+        assert_eq!(
+            replica.get_task(id).await.unwrap().as_ref(),
+            Some(&original)
+        );
+        let got = replica
+            .create_task(new_task(Some(id), "bob", info.clone()), SITE)
+            .await;
+        assert!(matches!(got, Err(StoreError::Rejected(_))), "{got:?}");
+        assert_eq!(
+            replica.get_task(id).await.unwrap().as_ref(),
+            Some(&original)
+        );
+    }
+    // After a patch through one replica, a repeated create through the other answers the
+    // current task.
+    let patched = replicas[0].update_task(id, progress(42)).await.unwrap();
+    assert_eq!(
+        replicas[1]
+            .create_task(new_task(Some(id), "alice", info), "site2")
+            .await
+            .unwrap(),
+        CreateOutcome::AlreadyExisted(patched)
+    );
+    for replica in &replicas {
+        assert_eq!(
+            replica.query_tasks(&query(""), None).await.unwrap().total,
+            1
+        );
+    }
+}
+
+/// Writers on two replicas at once, each creating through one replica and patching through
+/// the other: every write lands, and both replicas answer the same.
+async fn replicas_parallel_writers_all_land(ctx: Ctx) {
+    const WRITERS_PER_REPLICA: usize = 3;
+    const PER_WRITER: usize = 20;
+    let replicas = [ctx.store.clone(), ctx.replica().await];
+    let mut handles = Vec::new();
+    for r in 0..replicas.len() {
+        for w in 0..WRITERS_PER_REPLICA {
+            let creator = replicas[r].clone();
+            let patcher = replicas[1 - r].clone();
+            handles.push(tokio::spawn(async move {
+                let user = format!("r{r}w{w}");
+                let mut mine = Vec::with_capacity(PER_WRITER);
+                for j in 0..PER_WRITER {
+                    let t = create(&creator, &user, wf(TYPES[j % 3], None, None, None)).await;
+                    let patch = if j % 4 == 0 {
+                        succeed(None, Some(json!(j)))
+                    } else {
+                        progress(j as i64)
+                    };
+                    mine.push(patcher.update_task(t.id, patch).await.unwrap());
+                }
+                mine
+            }));
+        }
+    }
+    let mut all: Vec<Task> = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let n = replicas.len() * WRITERS_PER_REPLICA * PER_WRITER;
+    assert_eq!(all.len(), n);
+    assert_eq!(all.iter().map(|t| t.id).collect::<HashSet<_>>().len(), n);
+    let succeeded = (replicas.len() * WRITERS_PER_REPLICA * PER_WRITER.div_ceil(4)) as u64;
+    for replica in &replicas {
+        assert_eq!(replica.get_tasks(&ids_of(&all), None).await.unwrap(), all);
+        let page = replica
+            .query_tasks(&query("limit=1000&sort=user,startTime"), None)
+            .await
+            .unwrap();
+        assert_eq!(page.total, n as u64);
+        assert_eq!(
+            page.items,
+            sorted(all.clone(), &query("sort=user,startTime").sort)
+        );
+        let done = replica
+            .query_tasks(&query("state=SUCCEEDED&limit=0"), None)
+            .await
+            .unwrap();
+        assert_eq!(done.total, succeeded);
+        for r in 0..replicas.len() {
+            for w in 0..WRITERS_PER_REPLICA {
+                let page = replica
+                    .query_tasks(&query("limit=0"), Some(&format!("r{r}w{w}")))
+                    .await
+                    .unwrap();
+                assert_eq!(page.total, PER_WRITER as u64);
+            }
+        }
+    }
+}
+
+/// Sessions are shared by the replicas: a login, touch, extension, purge or logout through one
+/// is seen through the other at once.
+async fn replicas_share_sessions(ctx: Ctx) {
+    const SITES_PER_REPLICA: usize = 8;
+    let [a, b] = [ctx.store.clone(), ctx.replica().await];
+    let s = session(1, "alice", vec![Role::User, Role::Writer], 1_000, 1_000);
+    a.create_session(s.clone()).await.unwrap();
+    assert_eq!(
+        b.get_session(s.token_hash).await.unwrap().as_ref(),
+        Some(&s)
+    );
+    assert_eq!(b.count_sessions().await.unwrap(), 1);
+    // The same token through the other replica is refused; the first session stays.
+    assert!(b
+        .create_session(session(1, "mallory", vec![Role::Admin], 5, 5))
+        .await
+        .is_err());
+    assert_eq!(
+        a.get_session(s.token_hash).await.unwrap().as_ref(),
+        Some(&s)
+    );
+
+    // Touches through either replica only move last_seen forward.
+    b.touch_session(s.token_hash, 2_000).await.unwrap();
+    assert_eq!(
+        a.get_session(s.token_hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen,
+        2_000
+    );
+    a.touch_session(s.token_hash, 1_500).await.unwrap();
+    assert_eq!(
+        b.get_session(s.token_hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen,
+        2_000
+    );
+
+    // Extensions put through both replicas at once: none lost.
+    let mut handles = Vec::new();
+    for (r, replica) in [&a, &b].into_iter().enumerate() {
+        for i in 0..SITES_PER_REPLICA {
+            let store = replica.clone();
+            handles.push(tokio::spawn(async move {
+                store
+                    .put_extension(
+                        token(1),
+                        remote(&format!("site{r}-{i}"), "alice", &format!("{r}{i}")),
+                    )
+                    .await
+            }));
+        }
+    }
+    for h in handles {
+        assert!(h.await.unwrap().unwrap());
+    }
+    let seen_a = a.get_session(s.token_hash).await.unwrap().unwrap();
+    let seen_b = b.get_session(s.token_hash).await.unwrap().unwrap();
+    assert_eq!(seen_a, seen_b);
+    let sites: HashSet<String> = seen_a.extensions.iter().map(|e| e.site.clone()).collect();
+    assert_eq!(seen_a.extensions.len(), 2 * SITES_PER_REPLICA);
+    assert_eq!(sites.len(), 2 * SITES_PER_REPLICA);
+    assert_eq!(
+        (seen_a.user.as_str(), seen_a.created, seen_a.last_seen),
+        ("alice", 1_000, 2_000)
+    );
+    assert_eq!(
+        b.remove_extension(s.token_hash, "site0-3").await.unwrap(),
+        Some(remote("site0-3", "alice", "03"))
+    );
+    assert_eq!(
+        a.remove_extension(s.token_hash, "site0-3").await.unwrap(),
+        None
+    );
+    let seen_a = a.get_session(s.token_hash).await.unwrap().unwrap();
+    assert_eq!(seen_a.extensions.len(), 2 * SITES_PER_REPLICA - 1);
+    assert!(!seen_a.extensions.iter().any(|e| e.site == "site0-3"));
+
+    // Expiry: a purge through one replica removes the idle session for both.
+    b.create_session(session(2, "bob", vec![Role::User], 1_000, 1_100))
+        .await
+        .unwrap();
+    assert_eq!(a.count_sessions().await.unwrap(), 2);
+    assert_eq!(a.purge_sessions(1_500, 0).await.unwrap(), 1);
+    assert_eq!(b.get_session(token(2)).await.unwrap(), None);
+    assert_eq!(b.count_sessions().await.unwrap(), 1);
+
+    // Logout through one replica ends the session for both.
+    assert!(b.delete_session(s.token_hash).await.unwrap());
+    assert_eq!(a.get_session(s.token_hash).await.unwrap(), None);
+    assert!(!a.delete_session(s.token_hash).await.unwrap());
+    assert!(!a
+        .put_extension(s.token_hash, remote("site9", "alice", "x"))
+        .await
+        .unwrap());
+    a.touch_session(s.token_hash, 9_000).await.unwrap();
+    assert_eq!(b.get_session(s.token_hash).await.unwrap(), None);
+    assert_eq!(a.count_sessions().await.unwrap(), 0);
+    assert_eq!(b.count_sessions().await.unwrap(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Persistence
+// ---------------------------------------------------------------------------------------------
+
+async fn data_survives_reopening(ctx: Ctx) {
+    let store = ctx.store.clone();
 
     let running = create(
         &store,
@@ -1759,7 +2664,8 @@ async fn data_survives_reopening() {
     sessions_after[0].last_seen = 2_500;
 
     drop(store);
-    let store = reopen(dir.path()).await;
+    let ctx = ctx.reopen().await;
+    let store = ctx.store.clone();
 
     assert_eq!(store.get_tasks(&ids_of(&tasks), None).await.unwrap(), tasks);
     let page = store
@@ -1803,22 +2709,489 @@ async fn data_survives_reopening() {
 
     // And a second reopen sees the writes of the second life.
     drop(store);
-    let store = reopen(dir.path()).await;
+    let ctx = ctx.reopen().await;
+    let store = ctx.store.clone();
     assert_eq!(store.get_task(running.id).await.unwrap(), Some(running2));
     assert_eq!(store.get_task(late.id).await.unwrap(), Some(late));
     assert_eq!(store.query_tasks(&query(""), None).await.unwrap().total, 4);
     assert_eq!(store.count_sessions().await.unwrap(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn store_handles_are_shared_clones() {
-    let (_dir, store) = open_new();
-    let other = store.clone();
+async fn store_handles_are_shared_clones(ctx: Ctx) {
+    let Ctx {
+        store,
+        handle,
+        place: _place,
+        ..
+    } = ctx;
+    // A clone of the concrete handle (`EmbeddedStore` or `PostgresStore`), not of the `Arc`.
+    let other = handle.shared();
     let t = create(&store, "alice", wf("sync", None, None, None)).await;
     assert_eq!(other.get_task(t.id).await.unwrap(), Some(t.clone()));
     drop(store);
-    // The clone keeps the threads alive.
+    drop(handle);
+    // The clone keeps the threads (embedded) or the pool (PostgreSQL) alive.
     let t2 = other.update_task(t.id, progress(9)).await.unwrap();
     assert_eq!(t2.progress, 9);
     other.ping().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. One backend only
+// ---------------------------------------------------------------------------------------------
+
+mod embedded_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn open_creates_missing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a").join("b");
+        let store = EmbeddedStore::open(&nested).unwrap();
+        store.ping().await.unwrap();
+        assert!(nested.join("sitegate.db").exists());
+        assert!(store.get_task(Uuid::new_v4()).await.unwrap().is_none());
+    }
+
+    /// A database written by a newer sitegate is refused, not misread.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(EmbeddedStore::open(dir.path()).unwrap());
+        let conn = rusqlite::Connection::open(dir.path().join("sitegate.db")).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        match EmbeddedStore::open(dir.path()) {
+            Err(StoreError::Database(msg)) => assert!(msg.contains("newer"), "{msg}"),
+            other => panic!("expected a schema version error, got {other:?}"),
+        }
+    }
+}
+
+mod postgres_only {
+    use super::*;
+
+    /// How fast a call must fail while PostgreSQL is down.
+    const FAIL_FAST: Duration = Duration::from_secs(6);
+
+    async fn connect(url: &str, schema: &str) -> Arc<dyn Store> {
+        Arc::new(PostgresStore::connect(url, schema, 2).await.unwrap())
+    }
+
+    /// Handles of several stores connecting at once.
+    fn all_connected<const N: usize>(
+        results: [Result<PostgresStore, StoreError>; N],
+    ) -> [Arc<dyn Store>; N] {
+        results.map(|r| Arc::new(r.unwrap()) as Arc<dyn Store>)
+    }
+
+    /// A plain client on `url`, for looking at what the store did.
+    async fn sql_client(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    async fn fails_fast<T: std::fmt::Debug>(
+        op: &str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) {
+        let started = Instant::now();
+        match tokio::time::timeout(FAIL_FAST, call).await {
+            Ok(Err(StoreError::Database(msg))) => {
+                eprintln!("{op} during the outage: {msg} ({:?})", started.elapsed());
+            }
+            Ok(other) => panic!("{op} during the outage: expected a database error, got {other:?}"),
+            Err(_) => panic!("{op} during the outage did not fail within {FAIL_FAST:?}"),
+        }
+    }
+
+    /// PostgreSQL goes away: every call fails fast with a database error, none hangs. It comes
+    /// back: the same store handle serves again, with every acknowledged write intact.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn store_unavailable_fails_fast_and_recovers() {
+        // A cluster of its own: stopping the shared one would fail the other tests.
+        let cluster = tokio::task::spawn_blocking(|| {
+            let cluster = PgCluster::start();
+            stop_at_exit(&cluster);
+            Arc::new(cluster)
+        })
+        .await
+        .unwrap();
+        let pg = cluster.clone();
+        let url = tokio::task::spawn_blocking(move || pg.create_database())
+            .await
+            .unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(PostgresStore::connect(&url, SCHEMA, POOL).await.unwrap());
+        let task = create(&store, "alice", wf("sync", Some("vm"), None, None)).await;
+        let task = store.update_task(task.id, progress(30)).await.unwrap();
+        let s = session(1, "alice", vec![Role::User], 1_000, 1_000);
+        store.create_session(s.clone()).await.unwrap();
+        // Several connections in the pool, all of which the outage breaks.
+        let mut reads = Vec::new();
+        for _ in 0..POOL {
+            let store = store.clone();
+            reads.push(tokio::spawn(async move { store.get_task(task.id).await }));
+        }
+        for r in reads {
+            assert_eq!(r.await.unwrap().unwrap().as_ref(), Some(&task));
+        }
+        store.ping().await.unwrap();
+
+        let pg = cluster.clone();
+        tokio::task::spawn_blocking(move || pg.stop())
+            .await
+            .unwrap();
+
+        fails_fast("ping", store.ping()).await;
+        fails_fast("get_task", store.get_task(task.id)).await;
+        fails_fast("get_tasks", store.get_tasks(&[task.id], None)).await;
+        fails_fast("query_tasks", store.query_tasks(&query(""), None)).await;
+        fails_fast(
+            "create_task",
+            store.create_task(new_task(None, "bob", wf("sync", None, None, None)), SITE),
+        )
+        .await;
+        fails_fast("update_task", store.update_task(task.id, progress(50))).await;
+        fails_fast("get_session", store.get_session(s.token_hash)).await;
+        fails_fast("touch_session", store.touch_session(s.token_hash, 5_000)).await;
+        fails_fast("count_sessions", store.count_sessions()).await;
+        // A burst larger than the pool: every call fails fast, none waits on the pool.
+        let mut burst = Vec::new();
+        for i in 0..2 * POOL {
+            let store = store.clone();
+            burst.push(tokio::spawn(async move {
+                fails_fast(&format!("ping {i} of a burst"), store.ping()).await;
+            }));
+        }
+        for b in burst {
+            b.await.unwrap();
+        }
+
+        let pg = cluster.clone();
+        tokio::task::spawn_blocking(move || pg.restart())
+            .await
+            .unwrap();
+
+        // The same handle, no reconnect: it serves again at once.
+        store.ping().await.unwrap();
+        assert_eq!(store.get_task(task.id).await.unwrap().as_ref(), Some(&task));
+        assert_eq!(
+            store.get_session(s.token_hash).await.unwrap().as_ref(),
+            Some(&s)
+        );
+        assert_eq!(store.count_sessions().await.unwrap(), 1);
+        let page = store.query_tasks(&query(""), None).await.unwrap();
+        assert_eq!((page.total, page.items), (1, vec![task.clone()]));
+        let later = store.update_task(task.id, progress(60)).await.unwrap();
+        assert_eq!(later.progress, 60);
+        let bob = create(&store, "bob", wf("sync", None, None, None)).await;
+        assert_eq!(store.get_task(bob.id).await.unwrap(), Some(bob));
+        let mut reads = Vec::new();
+        for _ in 0..2 * POOL {
+            let store = store.clone();
+            reads.push(tokio::spawn(async move { store.ping().await }));
+        }
+        for r in reads {
+            r.await.unwrap().unwrap();
+        }
+
+        drop(store);
+        tokio::task::spawn_blocking(move || drop(cluster))
+            .await
+            .unwrap();
+    }
+
+    /// Connecting migrates once: again and again on one schema, and several replicas at once
+    /// on a fresh schema (the advisory lock serialises them), all succeed and share the data.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn migrations_are_idempotent_and_race_free() {
+        let url = new_database().await;
+        let first = connect(&url, "site_seq").await;
+        let t = create(&first, "alice", wf("sync", None, None, None)).await;
+        let second = connect(&url, "site_seq").await;
+        assert_eq!(second.get_task(t.id).await.unwrap().as_ref(), Some(&t));
+        drop(first);
+        drop(second);
+        let third = connect(&url, "site_seq").await;
+        assert_eq!(third.get_task(t.id).await.unwrap().as_ref(), Some(&t));
+        assert_eq!(third.query_tasks(&query(""), None).await.unwrap().total, 1);
+
+        let mut schemas = vec!["site_seq".to_owned()];
+        for round in 0..3 {
+            let schema = format!("site_race{round}");
+            let (a, b, c) = tokio::join!(
+                PostgresStore::connect(&url, &schema, 2),
+                PostgresStore::connect(&url, &schema, 2),
+                PostgresStore::connect(&url, &schema, 2),
+            );
+            let [a, b, c] = all_connected([a, b, c]);
+            let t = create(&a, "alice", wf("sync", None, None, None)).await;
+            assert_eq!(
+                b.get_task(t.id).await.unwrap().as_ref(),
+                Some(&t),
+                "{schema}"
+            );
+            assert_eq!(c.query_tasks(&query(""), None).await.unwrap().total, 1);
+            schemas.push(schema);
+        }
+
+        // Each schema records each version once: 1, 2, ... n, the same n everywhere.
+        let client = sql_client(&url).await;
+        let mut first_versions: Option<Vec<i32>> = None;
+        for schema in &schemas {
+            let versions: Vec<i32> = client
+                .query(
+                    &format!("SELECT version FROM {schema}.schema_migrations ORDER BY version"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(!versions.is_empty(), "{schema}");
+            assert_eq!(
+                versions,
+                (1..=versions.len() as i32).collect::<Vec<_>>(),
+                "{schema}"
+            );
+            match &first_versions {
+                None => first_versions = Some(versions),
+                Some(v) => assert_eq!(&versions, v, "{schema}"),
+            }
+        }
+    }
+
+    /// Connecting creates a missing schema with the store's tables in it (not in `public`);
+    /// schema names that would need quoting are refused.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn connect_creates_missing_schema() {
+        let url = new_database().await;
+        let client = sql_client(&url).await;
+        let tables = |schema: &'static str| {
+            let client = &client;
+            async move {
+                client
+                    .query(
+                        "SELECT table_name::TEXT FROM information_schema.tables
+                         WHERE table_schema = $1 ORDER BY 1",
+                        &[&schema],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<String>>()
+            }
+        };
+        assert!(tables("brand_new").await.is_empty());
+        let store = connect(&url, "brand_new").await;
+        store.ping().await.unwrap();
+        assert!(store.get_task(Uuid::new_v4()).await.unwrap().is_none());
+        assert_eq!(store.count_sessions().await.unwrap(), 0);
+        assert_eq!(
+            tables("brand_new").await,
+            vec!["schema_migrations", "sessions", "tasks"]
+        );
+        assert!(tables("public").await.is_empty());
+
+        for bad in ["", "Site1", "1abc", "a-b", "a;drop table x", "a b"] {
+            let got = PostgresStore::connect(&url, bad, 1).await;
+            assert!(
+                matches!(got, Err(StoreError::Database(_))),
+                "{bad:?}: {got:?}"
+            );
+        }
+    }
+
+    /// A schema written by a newer sitegate is refused, not misread.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn refuses_a_newer_schema() {
+        let url = new_database().await;
+        drop(connect(&url, "site_new").await);
+        sql_client(&url)
+            .await
+            .execute(
+                "INSERT INTO site_new.schema_migrations (version) VALUES (99)",
+                &[],
+            )
+            .await
+            .unwrap();
+        match PostgresStore::connect(&url, "site_new", 2).await {
+            Err(StoreError::Database(msg)) => assert!(msg.contains("newer"), "{msg}"),
+            other => panic!("expected a schema version error, got {other:?}"),
+        }
+    }
+
+    /// Two sites in one database, each in its own schema, see nothing of each other: not
+    /// tasks (even under one id), not sessions (even under one token).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sites_in_separate_schemas_are_isolated() {
+        let url = new_database().await;
+        let (site1, site2) = tokio::join!(
+            PostgresStore::connect(&url, "sitegate_site1", POOL),
+            PostgresStore::connect(&url, "sitegate_site2", POOL),
+        );
+        let [site1, site2] = all_connected([site1, site2]);
+
+        // One caller-chosen id is a different task in each site.
+        let id = Uuid::new_v4();
+        let CreateOutcome::Created(t1) = site1
+            .create_task(
+                new_task(Some(id), "alice", wf("sync", None, None, None)),
+                "site1",
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("site1 did not create its task");
+        };
+        let CreateOutcome::Created(t2) = site2
+            .create_task(
+                new_task(Some(id), "bob", wf("backup", Some("vm"), None, None)),
+                "site2",
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("site2 found site1's task");
+        };
+        let carol = create(&site1, "carol", wf("sync", None, None, None)).await;
+        let mut dave = Vec::new();
+        for _ in 0..3 {
+            dave.push(create(&site2, "dave", wf("migrate", None, None, None)).await);
+        }
+
+        let all1 = site1.query_tasks(&query("sort=user"), None).await.unwrap();
+        assert_eq!(
+            (all1.total, all1.items),
+            (2, vec![t1.clone(), carol.clone()])
+        );
+        let all2 = site2
+            .query_tasks(&query("sort=user,startTime"), None)
+            .await
+            .unwrap();
+        let mut expected2 = vec![t2.clone()];
+        expected2.extend(dave.iter().cloned());
+        let expected2 = sorted(expected2, &query("sort=user,startTime").sort);
+        assert_eq!((all2.total, all2.items), (4, expected2));
+        assert_eq!(site2.get_task(carol.id).await.unwrap(), None);
+        assert_eq!(site1.get_task(dave[0].id).await.unwrap(), None);
+        assert_eq!(
+            site2
+                .get_tasks(&[carol.id, id, dave[1].id], None)
+                .await
+                .unwrap(),
+            vec![t2.clone(), dave[1].clone()]
+        );
+        assert_eq!(
+            site2
+                .query_tasks(&query("user=carol"), None)
+                .await
+                .unwrap()
+                .total,
+            0
+        );
+        assert_eq!(
+            site2.update_task(carol.id, progress(5)).await,
+            Err(StoreError::TaskNotFound(carol.id))
+        );
+
+        // Finishing the task in one site leaves the other site's task of that id running.
+        let done = site1.update_task(id, succeed(None, None)).await.unwrap();
+        assert_eq!(site1.get_task(id).await.unwrap(), Some(done));
+        assert_eq!(site2.get_task(id).await.unwrap().as_ref(), Some(&t2));
+        let t2b = site2.update_task(id, progress(9)).await.unwrap();
+        assert_eq!(t2b.progress, 9);
+
+        // Sessions: one token, two sites, two sessions.
+        let s1 = session(1, "alice", vec![Role::User], 1_000, 1_000);
+        site1.create_session(s1.clone()).await.unwrap();
+        assert_eq!(site2.get_session(s1.token_hash).await.unwrap(), None);
+        assert_eq!(site2.count_sessions().await.unwrap(), 0);
+        let s2 = session(1, "bob", vec![Role::Admin], 2_000, 2_000);
+        site2.create_session(s2.clone()).await.unwrap();
+        assert_eq!(
+            site1.get_session(token(1)).await.unwrap().as_ref(),
+            Some(&s1)
+        );
+        assert_eq!(
+            site2.get_session(token(1)).await.unwrap().as_ref(),
+            Some(&s2)
+        );
+        assert_eq!(site2.purge_sessions(i64::MAX, i64::MAX).await.unwrap(), 1);
+        assert_eq!(
+            site1.get_session(token(1)).await.unwrap().as_ref(),
+            Some(&s1)
+        );
+        assert!(!site2.delete_session(token(1)).await.unwrap());
+        assert_eq!(site1.count_sessions().await.unwrap(), 1);
+    }
+}
+
+/// The PostgreSQL cases run in databases whose default collation is the cluster's (`C.UTF-8`
+/// here, bytewise anyway). Deployments often default to a linguistic collation, where
+/// "alice" < "Zed": the store's columns must still sort by bytes, as the embedded store does.
+mod postgres_linguistic_collation {
+    use super::*;
+
+    /// A fresh database whose default collation is ICU `en-US`, and a store on it.
+    async fn linguistic_ctx() -> Ctx {
+        let admin = tokio::task::spawn_blocking(|| shared_cluster().admin_url())
+            .await
+            .unwrap();
+        let name = format!("icu_{}", Uuid::new_v4().simple());
+        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8'
+                 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+            ))
+            .await
+            .unwrap();
+        let url = tokio::task::spawn_blocking(move || shared_cluster().url(&name))
+            .await
+            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let linguistic: bool = client
+            .query_one("SELECT 'alice' < 'Zed' AND 'ab' < 'aB'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            linguistic,
+            "the database's default collation is not linguistic"
+        );
+        let store = PostgresStore::connect(&url, SCHEMA, POOL).await.unwrap();
+        Ctx::new(
+            Backend::Postgres,
+            Handle::Postgres(store),
+            Place::Database { url },
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn query_text_sorts_bytewise_and_filters_exactly() {
+        super::query_text_sorts_bytewise_and_filters_exactly(linguistic_ctx().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn query_sorts_with_id_tiebreak() {
+        super::query_sorts_with_id_tiebreak(linguistic_ctx().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn query_every_sort_pages_with_total() {
+        super::query_every_sort_pages_with_total(linguistic_ctx().await).await;
+    }
 }
