@@ -55,8 +55,15 @@ impl Users {
     pub fn from_file(file: UsersFile) -> Result<Self, String> {
         file.validate().map_err(|e| e.to_string())?;
         for u in &file.users {
-            PasswordHash::new(&u.password_hash)
+            let parsed = PasswordHash::new(&u.password_hash)
                 .map_err(|e| format!("user '{}': bad password_hash: {e}", u.name))?;
+            // A PHC string can parse without a salt or a hash, and then no password matches.
+            if parsed.salt.is_none() || parsed.hash.is_none() {
+                return Err(format!(
+                    "user '{}': password_hash has no salt or no hash",
+                    u.name
+                ));
+            }
         }
         let mut decoy = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut decoy);
