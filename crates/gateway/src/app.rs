@@ -104,7 +104,10 @@ fn build_peer_client(config: &SiteConfig) -> Result<Option<Arc<PeerClient>>, Gat
     let (Some(tls), false) = (&config.tls, config.peers.is_empty()) else {
         return Ok(None);
     };
-    let peers = Arc::new(PeerSet::new(&config.peers).map_err(GatewayError::PeerLink)?);
+    let peers = Arc::new(
+        PeerSet::new(&config.peers, config.peering.connections_per_peer)
+            .map_err(GatewayError::PeerLink)?,
+    );
     let tls = PeerTls::load(
         tls.clone(),
         config.site.name.clone(),

@@ -152,7 +152,10 @@ pub struct Peer {
     /// The multiplexed connection, if open, with the TLS refusal its stream saw, if any. The
     /// async mutex makes concurrent requests wait for one connection attempt instead of each
     /// opening their own.
-    connection: tokio::sync::Mutex<Option<Connection>>,
+    connections: Vec<tokio::sync::Mutex<Option<Connection>>>,
+    /// Round-robin position over `connections`: one HTTP/2 connection is served by one task
+    /// at each end, so a few of them spread the work over the cores.
+    next_connection: std::sync::atomic::AtomicUsize,
     health: Mutex<LinkHealth>,
 }
 
@@ -265,7 +268,8 @@ pub struct PeerSet {
 }
 
 impl PeerSet {
-    pub fn new(configs: &[PeerConfig]) -> Result<Self, String> {
+    /// `pool_size` HTTP/2 connections are kept to each peer.
+    pub fn new(configs: &[PeerConfig], pool_size: usize) -> Result<Self, String> {
         let mut peers = Vec::with_capacity(configs.len());
         for config in configs {
             let address = config.address().map_err(|e| e.to_string())?;
@@ -275,7 +279,10 @@ impl PeerSet {
                 config: config.clone(),
                 address,
                 server_name,
-                connection: tokio::sync::Mutex::new(None),
+                connections: (0..pool_size.max(1))
+                    .map(|_| tokio::sync::Mutex::new(None))
+                    .collect(),
+                next_connection: std::sync::atomic::AtomicUsize::new(0),
                 health: Mutex::new(LinkHealth::default()),
             }));
         }
@@ -392,10 +399,15 @@ impl PeerClient {
             budget = budget.min(deadline.saturating_duration_since(started));
         }
         let site = peer.name().to_string();
+        let slot = peer
+            .next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % peer.connections.len();
         let outcome = if budget.is_zero() {
             Err(PeerError::Timeout { site })
         } else {
-            match tokio::time::timeout(budget, self.attempt(peer, request, started + budget)).await
+            match tokio::time::timeout(budget, self.attempt(peer, slot, request, started + budget))
+                .await
             {
                 Ok(result) => result,
                 Err(_) => Err(PeerError::Timeout { site }),
@@ -406,7 +418,7 @@ impl PeerClient {
             Err(e) => {
                 if !matches!(e, PeerError::Timeout { .. }) {
                     // A broken connection is not reused; the next request opens a new one.
-                    *peer.connection.lock().await = None;
+                    *peer.connections[slot].lock().await = None;
                 }
                 peer.record_failure(e, &self.config, started.elapsed());
             }
@@ -417,10 +429,11 @@ impl PeerClient {
     async fn attempt(
         &self,
         peer: &Peer,
+        slot: usize,
         request: Forward,
         deadline: Instant,
     ) -> Result<PeerResponse, PeerError> {
-        let (connection, fresh) = self.connection(peer).await?;
+        let (connection, fresh) = self.connection(peer, slot).await?;
         let result = self.exchange_on(&connection, peer, request, deadline).await;
         match result {
             Err(PeerError::Unreachable { site, detail }) if fresh => {
@@ -516,8 +529,8 @@ impl PeerClient {
 
     /// The open connection to `peer`, or a new one.
     /// The open connection to `peer` (`false`), or a new one (`true`).
-    async fn connection(&self, peer: &Peer) -> Result<(Connection, bool), PeerError> {
-        let mut slot = peer.connection.lock().await;
+    async fn connection(&self, peer: &Peer, slot: usize) -> Result<(Connection, bool), PeerError> {
+        let mut slot = peer.connections[slot].lock().await;
         if let Some(connection) = slot.as_ref() {
             if !connection.sender.is_closed() {
                 return Ok((connection.clone(), false));

@@ -100,6 +100,10 @@ pub struct PeeringConfig {
     /// How often certificate files are checked for changes (SIGHUP reloads at once). Default: 5.
     #[serde(default = "default_tls_reload_secs")]
     pub tls_reload_interval_secs: u64,
+    /// HTTP/2 connections kept to each peer, used in turn: one connection is one task at each
+    /// end, so a few spread the load over the cores. Default: 4.
+    #[serde(default = "default_connections_per_peer")]
+    pub connections_per_peer: usize,
     /// How long a peer's answer about a running task is shared with the same user's later
     /// polls, in ms; 0 shares only concurrent identical reads (single flight). Raising it to a
     /// poll interval turns many pollers into about one peer request per interval, at the cost
@@ -112,6 +116,9 @@ pub struct PeeringConfig {
     pub final_task_cache_secs: u64,
 }
 
+fn default_connections_per_peer() -> usize {
+    4
+}
 fn default_running_cache_ms() -> u64 {
     0
 }
@@ -128,6 +135,7 @@ impl Default for PeeringConfig {
             circuit_open_secs: default_open_secs(),
             probe_interval_ms: default_probe_interval_ms(),
             tls_reload_interval_secs: default_tls_reload_secs(),
+            connections_per_peer: default_connections_per_peer(),
             running_task_cache_ms: default_running_cache_ms(),
             final_task_cache_secs: default_final_cache_secs(),
         }
@@ -494,6 +502,7 @@ impl SiteConfig {
             || p.circuit_open_secs == 0
             || p.probe_interval_ms == 0
             || p.tls_reload_interval_secs == 0
+            || p.connections_per_peer == 0
         {
             return Err(ModelError::invalid(
                 "every [peering] value must be greater than 0",
