@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dashmap::DashMap;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use sitegate_model::query::TaskQuery;
-use sitegate_model::session::{RemoteSession, Role};
+use sitegate_model::session::RemoteSession;
 use sitegate_model::task::{NewTask, Task, TaskState, ValidPatch, WorkflowInfo};
 use sitegate_model::ErrorEnvelope;
 use tokio::sync::oneshot;
@@ -29,7 +29,8 @@ use uuid::Uuid;
 
 use crate::sql::{self, Dialect, SqlValue};
 use crate::{
-    CreateOutcome, SessionRecord, SessionStore, StoreError, TaskPage, TaskStore, TokenHash,
+    json_text, parse_roles, roles_text, CreateOutcome, SessionRecord, SessionStore, StoreError,
+    TaskPage, TaskStore, TokenHash,
 };
 
 /// The most writes committed together; bounds the latency one batch adds to its first write.
@@ -410,10 +411,6 @@ fn sqlite_value(value: SqlValue) -> rusqlite::types::Value {
     }
 }
 
-fn json_text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
     serde_json::from_str(text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
@@ -572,25 +569,6 @@ fn update_extensions(
     conn.prepare_cached("UPDATE sessions SET extensions = ?2 WHERE token_hash = ?1")?
         .execute(params![&token_hash[..], json_text(&extensions)?])?;
     Ok(())
-}
-
-fn roles_text(roles: &[Role]) -> String {
-    roles
-        .iter()
-        .map(|r| r.as_str())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn parse_roles(text: &str) -> Vec<Role> {
-    text.split(',')
-        .filter_map(|r| match r {
-            "admin" => Some(Role::Admin),
-            "user" => Some(Role::User),
-            "writer" => Some(Role::Writer),
-            _ => None,
-        })
-        .collect()
 }
 
 #[async_trait]

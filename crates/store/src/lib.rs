@@ -209,6 +209,32 @@ pub fn same_creation(existing: &Task, new: &NewTask) -> bool {
     existing.user == new.user && existing.workflow_info == new.workflow_info
 }
 
+/// Roles as stored: a comma list.
+pub(crate) fn roles_text(roles: &[Role]) -> String {
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Roles from their stored form; unknown names (from a newer version) are left out.
+pub(crate) fn parse_roles(text: &str) -> Vec<Role> {
+    text.split(',')
+        .filter_map(|r| match r {
+            "admin" => Some(Role::Admin),
+            "user" => Some(Role::User),
+            "writer" => Some(Role::Writer),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A value as the JSON text both backends store.
+pub(crate) fn json_text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 /// Now, in the API's unit.
 pub fn now_millis() -> EpochMillis {
     std::time::SystemTime::now()

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sitegate_model::query::TaskQuery;
-use sitegate_model::session::{RemoteSession, Role};
+use sitegate_model::session::RemoteSession;
 use sitegate_model::task::{NewTask, Task, TaskState, ValidPatch, WorkflowInfo};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use crate::sql::{self, Dialect, SqlValue};
 use crate::{
-    CreateOutcome, SessionRecord, SessionStore, StoreError, TaskPage, TaskStore, TokenHash,
+    json_text, parse_roles, roles_text, CreateOutcome, SessionRecord, SessionStore, StoreError,
+    TaskPage, TaskStore, TokenHash,
 };
 
 /// Schema versions, applied in order under an advisory lock so replicas starting together do
@@ -216,10 +217,6 @@ async fn timed<R>(
     result
 }
 
-fn json_text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -271,25 +268,6 @@ async fn select_task(
         .map_err(db)?
         .map(|row| task_from_row(&row))
         .transpose()
-}
-
-fn roles_text(roles: &[Role]) -> String {
-    roles
-        .iter()
-        .map(|r| r.as_str())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn parse_roles(text: &str) -> Vec<Role> {
-    text.split(',')
-        .filter_map(|r| match r {
-            "admin" => Some(Role::Admin),
-            "user" => Some(Role::User),
-            "writer" => Some(Role::Writer),
-            _ => None,
-        })
-        .collect()
 }
 
 fn pg_params(values: &[SqlValue]) -> Vec<Box<dyn ToSql + Sync + Send>> {
