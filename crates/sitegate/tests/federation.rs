@@ -482,20 +482,31 @@ async fn remote_reads_equal_the_owning_sites_local_answers() {
     .await;
     r.expect(200, None);
     assert_eq!(r.operation_id(), op);
+    // Logs are written by a background thread: wait for each site's access-log line, the last
+    // line of the request there, so every earlier line of it is in the file too.
+    let access_logged = |lines: &[Value]| {
+        lines
+            .iter()
+            .any(|l| l.get("target").and_then(Value::as_str) == Some("sitegate::access"))
+    };
     let lines2 = wait_for(
         "site2's log to show the forwarded request's operation ID",
         Duration::from_secs(5),
         || {
             let lines = log_lines_of(&site2.stderr(), &op);
-            async move { (!lines.is_empty()).then_some(lines) }
+            async move { access_logged(&lines).then_some(lines) }
         },
     )
     .await;
-    let lines1 = log_lines_of(&site1.stderr(), &op);
-    assert!(
-        !lines1.is_empty(),
-        "site1's log lacks the operation ID {op}"
-    );
+    let lines1 = wait_for(
+        "site1's log to show the operation ID",
+        Duration::from_secs(5),
+        || {
+            let lines = log_lines_of(&site1.stderr(), &op);
+            async move { access_logged(&lines).then_some(lines) }
+        },
+    )
+    .await;
     // Every line of the operation, on both sites, carries one and the same trace ID.
     let trace_ids: std::collections::BTreeSet<Option<String>> = lines1
         .iter()
