@@ -121,6 +121,11 @@ fn pki(command: PkiCommand) -> Result<(), String> {
     Ok(())
 }
 
+/// mimalloc: per-request allocations were about a sixth of a request's CPU with glibc's
+/// allocator, and it returns freed memory to the system sooner (lower RSS with many clients).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
