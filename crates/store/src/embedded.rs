@@ -628,28 +628,22 @@ impl TaskStore for EmbeddedStore {
         query: &TaskQuery,
         owner: Option<&str>,
     ) -> Result<TaskPage, StoreError> {
-        let dialect = Dialect::Sqlite;
-        let filter = sql::filter(query, owner, dialect);
-        let select = format!(
-            "SELECT {} FROM tasks {} {} {}",
-            dialect.task_columns(),
-            filter.where_sql,
-            sql::order_by(query, dialect),
-            sql::paging(&filter, dialect)
-        );
-        let count = format!("SELECT COUNT(*) FROM tasks {}", filter.where_sql);
-        let mut params: Vec<rusqlite::types::Value> =
-            filter.params.into_iter().map(sqlite_value).collect();
-        let filter_params = params.clone();
-        params.push(rusqlite::types::Value::Integer(i64::from(query.limit)));
-        params.push(rusqlite::types::Value::Integer(query.offset as i64));
+        let sql::ListQuery {
+            select,
+            count,
+            params,
+            count_params,
+        } = sql::list_query(query, owner, Dialect::Sqlite);
+        let params: Vec<rusqlite::types::Value> = params.into_iter().map(sqlite_value).collect();
         self.read("query_tasks", move |conn| {
             // One read transaction, so `total` and `items` describe the same snapshot.
             conn.execute_batch("BEGIN")?;
             let result = (|| {
                 let total: i64 = conn
                     .prepare_cached(&count)?
-                    .query_row(params_from_iter(filter_params.iter()), |r| r.get(0))?;
+                    .query_row(params_from_iter(params[..count_params].iter()), |r| {
+                        r.get(0)
+                    })?;
                 let items = conn
                     .prepare_cached(&select)?
                     .query_map(params_from_iter(params.iter()), task_from_row)?

@@ -418,20 +418,9 @@ impl TaskStore for PostgresStore {
         owner: Option<&str>,
     ) -> Result<TaskPage, StoreError> {
         timed("query_tasks", async {
-            let dialect = Dialect::Postgres;
-            let filter = sql::filter(query, owner, dialect);
-            let select = format!(
-                "SELECT {} FROM tasks {} {} {}",
-                dialect.task_columns(),
-                filter.where_sql,
-                sql::order_by(query, dialect),
-                sql::paging(&filter, dialect)
-            );
-            let count = format!("SELECT COUNT(*) FROM tasks {}", filter.where_sql);
-            let mut params = pg_params(&filter.params);
-            let filter_len = params.len();
-            params.push(Box::new(i64::from(query.limit)));
-            params.push(Box::new(query.offset as i64));
+            let list = sql::list_query(query, owner, Dialect::Postgres);
+            let params = pg_params(&list.params);
+            let (select, count, filter_len) = (list.select, list.count, list.count_params);
             let refs: Vec<&(dyn ToSql + Sync)> = params
                 .iter()
                 .map(|p| p.as_ref() as &(dyn ToSql + Sync))

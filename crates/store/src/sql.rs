@@ -161,6 +161,38 @@ pub fn order_by(q: &TaskQuery, dialect: Dialect) -> String {
     format!("ORDER BY {}", keys.join(", "))
 }
 
+/// A whole `GET /tasks` query for one backend: the page's `SELECT` with its parameters (the
+/// filter's, then limit and offset), and the `COUNT` for `total`, which takes the first
+/// `count_params` of them.
+pub struct ListQuery {
+    pub select: String,
+    pub count: String,
+    pub params: Vec<SqlValue>,
+    pub count_params: usize,
+}
+
+pub fn list_query(q: &TaskQuery, owner: Option<&str>, dialect: Dialect) -> ListQuery {
+    let filter = filter(q, owner, dialect);
+    let select = format!(
+        "SELECT {} FROM tasks {} {} {}",
+        dialect.task_columns(),
+        filter.where_sql,
+        order_by(q, dialect),
+        paging(&filter, dialect)
+    );
+    let count = format!("SELECT COUNT(*) FROM tasks {}", filter.where_sql);
+    let count_params = filter.params.len();
+    let mut params = filter.params;
+    params.push(SqlValue::Int(i64::from(q.limit)));
+    params.push(SqlValue::Int(q.offset as i64));
+    ListQuery {
+        select,
+        count,
+        params,
+        count_params,
+    }
+}
+
 /// `LIMIT`/`OFFSET` placeholders following a filter's parameters.
 pub fn paging(filter: &Filter, dialect: Dialect) -> String {
     let n = filter.params.len();
@@ -217,6 +249,23 @@ mod tests {
             filter(&q, None, Dialect::Postgres).params,
             vec![SqlValue::Uuid(id)]
         );
+    }
+
+    #[test]
+    fn list_query_puts_paging_after_the_filter() {
+        let q = TaskQuery::parse(Some("state=RUNNING&limit=7&offset=3")).unwrap();
+        let list = list_query(&q, Some("alice"), Dialect::Postgres);
+        assert_eq!(
+            list.count,
+            "SELECT COUNT(*) FROM tasks WHERE user_name = $1 AND state IN ($2)"
+        );
+        assert!(
+            list.select.ends_with("LIMIT $3 OFFSET $4"),
+            "{}",
+            list.select
+        );
+        assert_eq!(list.count_params, 2);
+        assert_eq!(&list.params[2..], &[SqlValue::Int(7), SqlValue::Int(3)]);
     }
 
     #[test]
