@@ -28,6 +28,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::sql::{self, Dialect, SqlValue};
+use crate::task_cache::{TaskCache, DEFAULT_CAPACITY_BYTES};
 use crate::{
     json_text, parse_roles, roles_text, CreateOutcome, SessionRecord, SessionStore, StoreError,
     TaskPage, TaskStore, TokenHash,
@@ -56,6 +57,8 @@ pub struct EmbeddedStore {
     /// Exact, not a cache: this process is the store's only writer (the directory lock makes
     /// sure), and the writer thread applies each change right after its commit, in commit order.
     sessions: Arc<DashMap<TokenHash, SessionRecord>>,
+    /// Recently read and written tasks; never stale, for the same reason (see `task_cache`).
+    tasks: Arc<TaskCache>,
     /// An exclusive lock on `<dir>/LOCK`, held while any handle lives.
     _lock: Arc<std::fs::File>,
 }
@@ -225,11 +228,13 @@ impl EmbeddedStore {
         migrate(&mut writer)?;
         refresh_statistics(&writer)?;
         let sessions = Arc::new(load_sessions(&writer)?);
+        let tasks = Arc::new(TaskCache::new(DEFAULT_CAPACITY_BYTES));
+        let writer_tasks = tasks.clone();
 
         let (write_tx, write_rx) = crossbeam_channel::unbounded::<WriteJob>();
         thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(writer, write_rx))
+            .spawn(move || writer_loop(writer, write_rx, &writer_tasks))
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
 
         let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
@@ -250,6 +255,7 @@ impl EmbeddedStore {
             reads: read_tx,
             path,
             sessions,
+            tasks,
             _lock: Arc::new(lock),
         })
     }
@@ -290,13 +296,19 @@ impl EmbeddedStore {
     }
 
     /// Runs `f` on the writer thread inside the next group commit; answers once it is durable.
-    async fn write<R: Send + 'static>(
+    /// `written` names the task the write left behind, which goes into the task
+    /// cache once the commit succeeded (on the writer thread, so in commit order).
+    async fn write_then<R: Send + 'static>(
         &self,
         op: &'static str,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        written: fn(&R) -> Option<&Task>,
     ) -> Result<R, StoreError> {
         let started = std::time::Instant::now();
-        let result = self.write_inner(f).instrument(store_span(op)).await;
+        let result = self
+            .write_inner(f, written)
+            .instrument(store_span(op))
+            .await;
         record_latency(op, started);
         result
     }
@@ -304,14 +316,21 @@ impl EmbeddedStore {
     async fn write_inner<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        written: fn(&R) -> Option<&Task>,
     ) -> Result<R, StoreError> {
         let (tx, rx) = oneshot::channel();
+        let tasks = self.tasks.clone();
         let job: WriteJob = Box::new(move |conn| {
             let result = conn.and_then(f);
             let keep = result.is_ok();
             let complete: Completion_ = Box::new(move |commit| {
                 let answer = match commit {
-                    Ok(()) => result,
+                    Ok(()) => {
+                        if let Some(task) = result.as_ref().ok().and_then(written) {
+                            tasks.committed(task);
+                        }
+                        result
+                    }
                     Err(e) => Err(e),
                 };
                 // The caller may have gone away (request cancelled); the write stands anyway.
@@ -363,43 +382,50 @@ fn record_latency(op: &'static str, started: std::time::Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
-fn writer_loop(conn: Connection, jobs: Receiver<WriteJob>) {
+fn writer_loop(conn: Connection, jobs: Receiver<WriteJob>, tasks: &TaskCache) {
     while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+        tasks.batch_opened();
+        write_batch(&conn, first, &jobs);
+        tasks.batch_closed();
+    }
+}
+
+/// One group commit: the first job and whatever else is waiting, up to `MAX_BATCH`.
+fn write_batch(conn: &Connection, first: WriteJob, jobs: &Receiver<WriteJob>) {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let e = StoreError::from(e);
-            for job in batch {
-                let (_, complete) = job(Err(e.clone()));
-                complete(Err(e.clone()));
-            }
-            continue;
-        }
-        let mut completions = Vec::with_capacity(batch.len());
+    }
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let e = StoreError::from(e);
         for job in batch {
-            // A savepoint per job: a write that fails is undone alone, the batch goes on.
-            let savepoint = conn.execute_batch("SAVEPOINT job");
-            let (keep, complete) = job(savepoint.map(|()| &conn).map_err(StoreError::from));
-            let end = if keep {
-                "RELEASE job"
-            } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
-            let _ = conn.execute_batch(end);
-            completions.push(complete);
+            let (_, complete) = job(Err(e.clone()));
+            complete(Err(e.clone()));
         }
-        let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
-        if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for complete in completions {
-            complete(commit.clone());
-        }
+        return;
+    }
+    let mut completions = Vec::with_capacity(batch.len());
+    for job in batch {
+        // A savepoint per job: a write that fails is undone alone, the batch goes on.
+        let savepoint = conn.execute_batch("SAVEPOINT job");
+        let (keep, complete) = job(savepoint.map(|()| conn).map_err(StoreError::from));
+        let end = if keep {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        let _ = conn.execute_batch(end);
+        completions.push(complete);
+    }
+    let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+    if commit.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for complete in completions {
+        complete(commit.clone());
     }
 }
 
@@ -575,52 +601,90 @@ fn update_extensions(
 impl TaskStore for EmbeddedStore {
     async fn create_task(&self, new: NewTask, site: &str) -> Result<CreateOutcome, StoreError> {
         let site = site.to_owned();
-        self.write("create_task", move |conn| {
-            let task = crate::new_running_task(new.clone(), &site);
-            if let Some(existing) = select_task(conn, task.id)? {
-                return if crate::same_creation(&existing, &new) {
-                    Ok(CreateOutcome::AlreadyExisted(existing))
-                } else {
-                    Err(StoreError::Rejected(format!(
-                        "task {} already exists with a different user or workflowInfo",
-                        task.id
-                    )))
-                };
-            }
-            insert_task(conn, &task)?;
-            Ok(CreateOutcome::Created(task))
-        })
+        self.write_then(
+            "create_task",
+            move |conn| {
+                let task = crate::new_running_task(new.clone(), &site);
+                if let Some(existing) = select_task(conn, task.id)? {
+                    return if crate::same_creation(&existing, &new) {
+                        Ok(CreateOutcome::AlreadyExisted(existing))
+                    } else {
+                        Err(StoreError::Rejected(format!(
+                            "task {} already exists with a different user or workflowInfo",
+                            task.id
+                        )))
+                    };
+                }
+                insert_task(conn, &task)?;
+                Ok(CreateOutcome::Created(task))
+            },
+            |outcome| match outcome {
+                CreateOutcome::Created(task) => Some(task),
+                CreateOutcome::AlreadyExisted(_) => None,
+            },
+        )
         .await
     }
 
     async fn get_task(&self, id: Uuid) -> Result<Option<Task>, StoreError> {
-        self.read("get_task", move |conn| select_task(conn, id))
-            .await
+        if let Some(task) = self.tasks.get(&id) {
+            return Ok(Some(task));
+        }
+        let ticket = self.tasks.ticket();
+        let task = self
+            .read("get_task", move |conn| select_task(conn, id))
+            .await?;
+        if let Some(task) = &task {
+            self.tasks.offer(ticket, task);
+        }
+        Ok(task)
     }
 
     async fn get_tasks(&self, ids: &[Uuid], owner: Option<&str>) -> Result<Vec<Task>, StoreError> {
-        let ids = ids.to_vec();
-        let owner = owner.map(str::to_owned);
-        self.read("get_tasks", move |conn| {
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if out.iter().any(|t: &Task| t.id == id) {
-                    continue;
-                }
-                if let Some(t) = select_task(conn, id)? {
-                    if owner.as_deref().is_none_or(|o| o == t.user) {
-                        out.push(t);
+        // One slot per distinct ID, in the order asked; the cache fills what it can.
+        let mut slots: Vec<(Uuid, Option<Task>)> = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if !slots.iter().any(|(seen, _)| *seen == id) {
+                slots.push((id, self.tasks.get(&id)));
+            }
+        }
+        let misses: Vec<Uuid> = slots
+            .iter()
+            .filter(|(_, t)| t.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !misses.is_empty() {
+            let ticket = self.tasks.ticket();
+            let read = self
+                .read("get_tasks", move |conn| {
+                    let mut out = Vec::with_capacity(misses.len());
+                    for id in misses {
+                        out.extend(select_task(conn, id)?);
                     }
+                    Ok(out)
+                })
+                .await?;
+            for task in read {
+                self.tasks.offer(ticket, &task);
+                if let Some(slot) = slots.iter_mut().find(|(id, _)| *id == task.id) {
+                    slot.1 = Some(task);
                 }
             }
-            Ok(out)
-        })
-        .await
+        }
+        Ok(slots
+            .into_iter()
+            .filter_map(|(_, t)| t)
+            .filter(|t| owner.is_none_or(|o| o == t.user))
+            .collect())
     }
 
     async fn update_task(&self, id: Uuid, patch: ValidPatch) -> Result<Task, StoreError> {
-        self.write("update_task", move |conn| apply_patch(conn, id, patch))
-            .await
+        self.write_then(
+            "update_task",
+            move |conn| apply_patch(conn, id, patch),
+            |task| Some(task),
+        )
+        .await
     }
 
     async fn query_tasks(

@@ -19,6 +19,7 @@ pub mod embedded;
 pub mod error;
 pub mod postgres;
 pub mod sql;
+mod task_cache;
 
 use async_trait::async_trait;
 use sitegate_model::query::TaskQuery;

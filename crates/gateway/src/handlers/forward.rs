@@ -1,6 +1,9 @@
 //! Forwarding a caller's request to a peer with the session held there, and passing the
 //! peer's answer back unchanged.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
@@ -55,7 +58,30 @@ pub fn peer_error_code(response: &PeerResponse) -> Option<String> {
 /// Sends a read to `peer` as the caller's session held there and returns the peer's answer
 /// as it came, except that the peer refusing that session becomes
 /// `RemoteAuthenticationFailure` (the caller's own session is fine; the one held there is not).
-pub async fn forward_read(
+///
+/// Boxed because the peer call's future is large: inlined, every local read would carry it
+/// too and pay for moving it (measured: about 5 % of a local Get One's CPU time).
+pub fn forward_read<'a>(
+    state: &'a AppState,
+    caller: &'a Caller,
+    peer: &'a Peer,
+    method: Method,
+    path_and_query: String,
+    body: Option<Bytes>,
+    meta: &'a RequestMeta,
+) -> Pin<Box<dyn Future<Output = Result<Response, ApiError>> + Send + 'a>> {
+    Box::pin(forward_read_unboxed(
+        state,
+        caller,
+        peer,
+        method,
+        path_and_query,
+        body,
+        meta,
+    ))
+}
+
+async fn forward_read_unboxed(
     state: &AppState,
     caller: &Caller,
     peer: &Peer,
