@@ -127,6 +127,7 @@ fn pki(command: PkiCommand) -> Result<(), String> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
@@ -143,6 +144,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// mimalloc advises the kernel to back its arenas with transparent huge pages, and a 2 MiB
+/// huge page is resident as a whole however little of it is used. Measured on a site: idle
+/// RSS 43 -> 35 MiB, and 14 -> 4 MiB more for 1,000 open client connections. Failure only
+/// means the kernel keeps its default, so it is not an error.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_thp_disable(true);
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -64,7 +64,7 @@ impl TaskCache {
     /// Taken before a read starts; see the module comment.
     pub(crate) fn ticket(&self) -> Ticket {
         let generation = self.generation.load(Ordering::SeqCst);
-        Ticket((generation % 2 == 0).then_some(generation))
+        Ticket(generation.is_multiple_of(2).then_some(generation))
     }
 
     /// A reader offers what it read; kept only if no write batch opened since its ticket.
