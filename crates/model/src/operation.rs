@@ -29,7 +29,9 @@ impl OperationId {
         Ok(OperationId(raw.to_owned()))
     }
 
-    /// A fresh ID for a request that came without one.
+    /// A fresh ID for a request that came without one. Random v4 UUID from uuid's `fast-rng`
+    /// (a reseeded thread-local CSPRNG): an operation ID is not a secret, and a getrandom(2)
+    /// call per request cost about 0.25 µs. Session tokens take their bits from the OS.
     pub fn generate() -> Self {
         OperationId(uuid::Uuid::new_v4().to_string())
     }
