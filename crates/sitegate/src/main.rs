@@ -1,6 +1,8 @@
-//! The `sitegate` command: `serve` one site, `init` a federation's files, run a `demo`.
+//! The `sitegate` command: `serve` one site, `init` a federation's files, run a `demo`, and
+//! the command-line client (`login`, `sites`, `tasks ...`) that talks to a site's API.
 //! A thin shell: configuration and files here, everything that serves in `sitegate-gateway`.
 
+mod client;
 mod config;
 mod demo;
 mod init;
@@ -37,6 +39,45 @@ enum Command {
     /// Certificates for real deployments: a federation CA, and site certificates from it.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Log in to a site and keep the session for the other commands.
+    Login {
+        /// The user name.
+        #[arg(long, short)]
+        user: String,
+        /// Read the password from stdin instead of prompting (for scripts).
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// End the saved session, here and at every site it was extended to.
+    Logout {
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Extend the saved session to a peer site: as the same user (the peer must trust this
+    /// site for that), or with --user and a password for the peer.
+    Extend {
+        site: String,
+        #[arg(long, short)]
+        user: Option<String>,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// The sites this site knows and the health of each link.
+    Sites {
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Tasks: list, get, and watch one until it is final.
+    Tasks {
+        #[command(subcommand)]
+        command: client::TasksCommand,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -130,6 +171,27 @@ fn main() -> ExitCode {
     no_transparent_huge_pages();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Login {
+            user,
+            password_stdin,
+            client,
+        } => return run_client(client::login(&client, &user, password_stdin)),
+        Command::Logout { client } => return run_client(client::logout(&client)),
+        Command::Extend {
+            site,
+            user,
+            password_stdin,
+            client,
+        } => {
+            return run_client(client::extend(
+                &client,
+                &site,
+                user.as_deref(),
+                password_stdin,
+            ))
+        }
+        Command::Sites { client } => return run_client(client::sites(&client)),
+        Command::Tasks { command, client } => return run_client(client::tasks(&client, command)),
         Command::Serve { config } => serve(config),
         Command::Init(args) => init::run(&args).map(|dir| {
             println!("{}", init::summary(&args, &dir));
@@ -153,6 +215,28 @@ fn main() -> ExitCode {
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_thp_disable(true);
+}
+
+/// Runs one client command on a small runtime; its failure is printed and becomes the exit
+/// code (1, or 2 for a watched task that FAILED).
+fn run_client(command: impl std::future::Future<Output = Result<(), client::Failure>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sitegate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("sitegate: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
