@@ -19,10 +19,12 @@ use crate::error::{ApiError, GatewayError};
 use crate::extract::BodyLimit;
 use crate::handlers::{ops, sessions, sites, tasks, AppState, Readiness};
 use crate::layers::{self, RequestContext};
+use crate::limits::HeaderLimit;
 use crate::peer::{PeerClient, PeerSet};
 use crate::server::{self, Transport};
 use crate::sites::SiteResolver;
-use crate::tls::PeerTls;
+use crate::throttle::LoginThrottle;
+use crate::tls::{ClientApiTls, PeerTls, ReloadableCertificates};
 
 /// How often expired sessions are deleted.
 const SESSION_PURGE_INTERVAL: Duration = Duration::from_secs(300);
@@ -43,11 +45,17 @@ fn routes() -> Router<AppState> {
         .route("/tasks", get(tasks::query).post(tasks::create))
         .route("/tasks/poll", post(tasks::poll))
         .route("/tasks/{task_id}", get(tasks::get_one).patch(tasks::patch))
+        .route("/tasks/{task_id}/events", get(tasks::events))
         .route("/sites", get(sites::list))
         .route("/sites/{site}", get(sites::get))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(crate::openapi::openapi_json))
+        // The dashboard: static files, no session needed (the page logs in itself).
+        .route("/ui", get(crate::ui::index))
+        .route("/ui/", get(crate::ui::index))
+        .route("/ui/{asset}", get(crate::ui::file))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
@@ -66,6 +74,14 @@ pub fn client_api(state: AppState, config: &SiteConfig) -> Router {
                 site: config.site.name.to_string(),
             },
             layers::operation_id,
+        ))
+        // 2a. Header size: headers over `limits.max_header_bytes` get 431 in the envelope.
+        //     Inside the operation-ID layer so the refusal carries an operation ID (a huge
+        //     `operationID` itself is refused there first, and never echoed); before
+        //     everything that reads headers at length (auth, handlers).
+        .layer(middleware::from_fn_with_state(
+            HeaderLimit(limits.max_header_bytes),
+            crate::limits::header_size,
         ))
         // 3. Deadline: a request not answered in time becomes an envelope error and frees
         //    its concurrency slot.
@@ -95,6 +111,8 @@ pub struct Application {
     config: SiteConfig,
     state: AppState,
     client_listener: TcpListener,
+    /// The client API's HTTPS, when `listen.tls_cert` is set; plain HTTP otherwise.
+    client_tls: Option<Arc<ClientApiTls>>,
     /// The peer link, when peers are configured.
     peer_link: Option<(TcpListener, Arc<PeerClient>)>,
 }
@@ -129,6 +147,15 @@ impl Application {
         config
             .validate()
             .map_err(|e| GatewayError::Config(e.to_string()))?;
+        // Loaded first, so a bad certificate stops the start with a clear message before the
+        // store is opened or a port bound.
+        let client_tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                ClientApiTls::load(cert.clone(), key.clone())
+                    .map_err(|e| GatewayError::Config(format!("listen.tls_cert/tls_key: {e}")))?,
+            )),
+            _ => None,
+        };
         let store: Arc<dyn Store> = match config.store.backend {
             StoreBackend::Embedded => Arc::new(EmbeddedStore::open(&config.store.path)?),
             StoreBackend::Postgres => {
@@ -148,12 +175,15 @@ impl Application {
         let users = Users::load(&config.auth.users_file)?;
         // Installed before anything records, so early metrics are not lost.
         crate::telemetry::metrics();
-        let sessions = Arc::new(SessionManager::new(
-            store.clone(),
-            users,
-            Duration::from_secs(config.auth.session_idle_timeout_secs),
-            Duration::from_secs(config.auth.session_max_age_secs),
-        ));
+        let sessions = Arc::new(
+            SessionManager::new(
+                store.clone(),
+                users,
+                Duration::from_secs(config.auth.session_idle_timeout_secs),
+                Duration::from_secs(config.auth.session_max_age_secs),
+            )
+            .with_login_throttle(LoginThrottle::from_config(&config.auth)),
+        );
         let peer_client = build_peer_client(&config)?;
         let resolver = Arc::new(SiteResolver::new(
             config.site.name.clone(),
@@ -172,8 +202,10 @@ impl Application {
                 sessions,
                 resolver,
                 readiness: Arc::new(Readiness::default()),
+                watch: Arc::default(),
             },
             client_listener,
+            client_tls,
             config,
         })
     }
@@ -206,9 +238,10 @@ impl Application {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
         let app = client_api(self.state.clone(), &self.config);
         let limits = server::ServeLimits::from(&self.config.limits);
-        let mut background = vec![tokio::spawn(purge_sessions_periodically(
-            self.state.sessions.clone(),
-        ))];
+        let mut background = vec![
+            tokio::spawn(purge_sessions_periodically(self.state.sessions.clone())),
+            tokio::spawn(crate::telemetry::metrics_upkeep()),
+        ];
         let readiness = self.state.readiness.clone();
         // Both listeners stop on the same signal.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -219,6 +252,7 @@ impl Application {
             Some((listener, client)) => {
                 background.push(tokio::spawn(client.clone().probe_forever()));
                 background.push(tokio::spawn(reload_certificates(
+                    "peer link",
                     client.tls().clone(),
                     Duration::from_secs(self.config.peering.tls_reload_interval_secs),
                 )));
@@ -233,11 +267,22 @@ impl Application {
             }
             None => None,
         };
+        if let Some(tls) = &self.client_tls {
+            tracing::info!("client API serves HTTPS only (TLS 1.2 and 1.3)");
+            background.push(tokio::spawn(reload_certificates(
+                "client API",
+                tls.clone(),
+                Duration::from_secs(self.config.peering.tls_reload_interval_secs),
+            )));
+        }
         let client_server = server::serve(
             self.client_listener,
             app,
             limits,
-            Transport::Plain,
+            match &self.client_tls {
+                Some(tls) => Transport::ClientTls(tls.clone()),
+                None => Transport::Plain,
+            },
             stopped(stop_rx),
         );
         let drain_delay = Duration::from_millis(self.config.limits.drain_delay_ms);
@@ -267,9 +312,14 @@ impl Application {
     }
 }
 
-/// Reloads the peer link's certificates on SIGHUP and whenever their files change, so they
-/// can be rotated without a restart. A failed reload keeps the certificates in use.
-async fn reload_certificates(tls: Arc<PeerTls>, every: Duration) {
+/// Reloads a listener's certificates (`what`: the peer link's or the client API's) on SIGHUP
+/// and whenever their files change, so they can be rotated without a restart. A failed reload
+/// keeps the certificates in use.
+async fn reload_certificates(
+    what: &'static str,
+    tls: Arc<dyn ReloadableCertificates>,
+    every: Duration,
+) {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(every);
@@ -290,10 +340,10 @@ async fn reload_certificates(tls: Arc<PeerTls>, every: Duration) {
             tls.reload_if_changed()
         };
         match result {
-            Ok(true) => tracing::info!("peer link certificates reloaded"),
+            Ok(true) => tracing::info!(listener = what, "certificates reloaded"),
             Ok(false) => {}
             Err(e) => {
-                tracing::error!(error = %e, "peer link certificates not reloaded; keeping the old ones")
+                tracing::error!(listener = what, error = %e, "certificates not reloaded; keeping the old ones")
             }
         }
     }

@@ -6,9 +6,10 @@
 //! pool, a few at a time, so logins cannot starve request handling of CPU or memory.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -26,6 +27,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, GatewayError};
+use crate::throttle::LoginThrottle;
 
 /// The header that carries the session token, as the original API names it.
 pub const AUTH_HEADER: &str = "X-VCAV-Auth";
@@ -143,6 +145,8 @@ pub struct SessionManager {
     max_age_ms: i64,
     /// Bounds concurrent argon2 checks (each takes ~19 MiB and a core for tens of ms).
     password_checks: Semaphore,
+    /// Failed logins per user name and per address; consulted before the password check.
+    throttle: LoginThrottle,
 }
 
 impl SessionManager {
@@ -154,11 +158,31 @@ impl SessionManager {
             idle_timeout_ms: idle.as_millis() as i64,
             max_age_ms: max_age.as_millis() as i64,
             password_checks: Semaphore::new(cores),
+            throttle: LoginThrottle::off(),
         }
     }
 
+    /// Throttles failed logins; without this, logins are not throttled at all.
+    pub fn with_login_throttle(mut self, throttle: LoginThrottle) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
     /// Checks a user's password; on success stores a new session and returns its token.
-    pub async fn login(&self, user: &str, password: &str) -> Result<(String, Caller), ApiError> {
+    /// `address` is the client's, when the attempt should also count against it. A name or
+    /// address locked by too many failures is refused before its password is checked, so a
+    /// locked name cannot be guessed at, nor the CPU spent on argon2 for it.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        address: Option<IpAddr>,
+    ) -> Result<(String, Caller), ApiError> {
+        self.throttle
+            .check(user, address, Instant::now())
+            .map_err(|locked| ApiError::TooManyAttempts {
+                retry_after: locked.retry_after,
+            })?;
         let entry = self.users.by_name.get(user);
         let hash = entry.map_or(self.users.decoy_hash.clone(), |u| u.password_hash.clone());
         let password = password.to_owned();
@@ -181,8 +205,17 @@ impl SessionManager {
             .map_err(|e| ApiError::Internal(format!("password check failed: {e}")))?
         };
         match (ok, entry) {
-            (true, Some(entry)) => self.issue(entry).await,
-            _ => Err(ApiError::NotAuthenticated("Wrong user name or password.")),
+            (true, Some(entry)) => {
+                self.throttle.record_success(user);
+                self.issue(entry).await
+            }
+            _ => match self.throttle.record_failure(user, address, Instant::now()) {
+                // The failure that reaches the limit already says when to come back.
+                Some(locked) => Err(ApiError::TooManyAttempts {
+                    retry_after: locked.retry_after,
+                }),
+                None => Err(ApiError::NotAuthenticated("Wrong user name or password.")),
+            },
         }
     }
 

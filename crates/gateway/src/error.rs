@@ -18,12 +18,26 @@ pub enum ApiError {
     BadInput(String),
     #[error("the request body is larger than {0} bytes")]
     BodyTooLarge(usize),
+    /// The request's headers together exceed `limits.max_header_bytes`.
+    #[error("the request headers are larger than {0} bytes")]
+    HeaderTooLarge(usize),
+    /// The client was too slow sending its request: the named part (head or body) did not
+    /// arrive in time. The client's fault, unlike [`ApiError::Timeout`].
+    #[error("the request {0} did not arrive in time")]
+    RequestTimeout(&'static str),
     #[error("no such endpoint")]
     NoRoute,
     #[error("this endpoint does not accept that method")]
     MethodNotAllowed,
     #[error("{0}")]
     NotAuthenticated(&'static str),
+    /// Too many failed logins for the user name or from the address: refused, without
+    /// checking the password, until `retry_after` has passed.
+    #[error(
+        "Too many failed logins for this user or from this address; try again in {} seconds.",
+        retry_after_secs(.retry_after)
+    )]
+    TooManyAttempts { retry_after: std::time::Duration },
     #[error("{0}")]
     Forbidden(&'static str),
     #[error("site '{0}' is not known here")]
@@ -69,6 +83,11 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// Whole seconds to wait, rounded up (never 0, which would invite an immediate retry).
+fn retry_after_secs(d: &std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 const INTERNAL_MSG: &str =
     "The server could not complete the request. Its details are logged under this response's operationID.";
 
@@ -90,6 +109,18 @@ impl ApiError {
                 msg,
                 vec![n.to_string()],
             ),
+            HeaderTooLarge(n) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                ErrorCode::BadUserInput,
+                msg,
+                vec![n.to_string()],
+            ),
+            RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadUserInput,
+                msg,
+                vec![],
+            ),
             NoRoute => (StatusCode::NOT_FOUND, ErrorCode::BadUserInput, msg, vec![]),
             MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -102,6 +133,12 @@ impl ApiError {
                 ErrorCode::NotAuthenticated,
                 msg,
                 vec![],
+            ),
+            TooManyAttempts { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::NotAuthenticated,
+                msg,
+                vec![retry_after_secs(retry_after).to_string()],
             ),
             Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg, vec![]),
             SiteNotFound(site) => (
@@ -171,6 +208,7 @@ impl IntoResponse for ApiError {
                 Some(retry_after.as_secs().max(1))
             }
             ApiError::Peer(PeerError::Unreachable { .. } | PeerError::BadAnswer { .. }) => Some(1),
+            ApiError::TooManyAttempts { retry_after } => Some(retry_after_secs(retry_after)),
             _ => None,
         };
         // Logged here and nowhere else, inside the request's span so the line carries the
@@ -187,7 +225,10 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorEnvelope::new(code, msg, args);
         let mut response = (status, axum::Json(body)).into_response();
-        if matches!(self, ApiError::BodyTooLarge(_)) {
+        if matches!(
+            self,
+            ApiError::BodyTooLarge(_) | ApiError::RequestTimeout(_)
+        ) {
             // The rest of the body is never read, so the connection cannot be reused: say so
             // rather than let a pooling client fail its next request on it.
             response.headers_mut().insert(
@@ -307,6 +348,56 @@ mod tests {
             let (s, c, msg, _) = ApiError::from(e).parts();
             assert_eq!((c.as_str(), s.as_u16()), (code, status));
             assert!(msg.contains("site2") && !msg.contains("refused:"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn too_many_attempts_is_429_not_authenticated_with_retry_after() {
+        let e = ApiError::TooManyAttempts {
+            retry_after: std::time::Duration::from_millis(29_001),
+        };
+        let (status, code, msg, args) = e.parts();
+        assert_eq!((status.as_u16(), code.as_str()), (429, "NotAuthenticated"));
+        assert!(
+            msg.contains("Too many failed logins") && msg.contains("30 seconds"),
+            "{msg}"
+        );
+        assert_eq!(args, ["30"]);
+        let response = e.into_response();
+        assert_eq!(response.status().as_u16(), 429);
+        assert_eq!(
+            response
+                .headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("30")
+        );
+        assert_eq!(retry_after_secs(&std::time::Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn client_side_limits_are_bad_user_input_with_their_own_status() {
+        let cases = [
+            (ApiError::BodyTooLarge(1024), 413, true),
+            (ApiError::HeaderTooLarge(16_384), 431, false),
+            (ApiError::RequestTimeout("body"), 408, true),
+            // The deadline of a stuck handler is ours, not the caller's.
+            (ApiError::Timeout, 500, false),
+        ];
+        for (e, status, closes) in cases {
+            let (s, code, _, _) = e.parts();
+            let want = if status == 500 {
+                "GeneralServerFailure"
+            } else {
+                "BadUserInput"
+            };
+            assert_eq!((s.as_u16(), code.as_str()), (status, want), "{e:?}");
+            let response = e.into_response();
+            let close = response
+                .headers()
+                .get(axum::http::header::CONNECTION)
+                .is_some_and(|v| v == "close");
+            assert_eq!(close, closes, "status {status}");
         }
     }
 

@@ -161,8 +161,10 @@ pub fn vendor_media_type(accept: &str) -> Option<String> {
 /// Fails a request that has not been answered within the server's deadline, so a stuck store
 /// or peer cannot hold a client (or a concurrency slot) forever. A request from a peer brings
 /// the time its caller has left, and gets no more than that.
+///
+/// A blocking read (`waitForChange=true`) gets its wait on top: holding it is the point.
 pub async fn deadline(State(limit): State<Duration>, mut req: Request, next: Next) -> Response {
-    let mut limit = limit;
+    let mut limit = limit + sitegate_model::watch::requested_wait(req.uri().query());
     if req.extensions().get::<PeerOrigin>().is_some() {
         let left = req
             .headers()

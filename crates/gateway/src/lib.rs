@@ -12,16 +12,24 @@
 //! - [`server`]: the accept loop (connection limit, header read timeout, graceful drain).
 //! - [`app`]: [`Application`] (build from config, run until shutdown) and the layer stack.
 //! - [`layers`]: operation ID and access log, media-type negotiation, request deadline.
+//! - [`limits`]: the header size limit, and the client API's first-request, idle and
+//!   slow-head limits on connections (408 with the envelope).
 //! - [`auth`]: users, password checks, sessions and the [`auth::Caller`] extractor.
+//! - [`throttle`]: failed logins counted per user name and per address; lockouts.
 //! - [`extract`]: body and path extractors that fail with the API's envelope.
 //! - [`handlers`]: one module per resource: sessions, tasks, sites, operations.
 //! - [`sites`]: [`sites::SiteResolver`], which decides where a `site` is answered.
 //! - [`peer`]: [`peer::PeerClient`], requests over the peer link, circuit breaker, probes.
+//! - [`watch`]: waiting for a task to change (blocking reads, the event stream).
 //! - [`remote_reads`]: remote Get One answers shared between callers (final tasks kept,
 //!   single flight for running ones).
-//! - [`tls`]: the peer link's rustls configuration, reloadable; the only rustls user.
+//! - [`tls`]: the peer link's (and the optional HTTPS client API's) rustls configuration,
+//!   reloadable; the only rustls user.
 //! - [`telemetry`]: trace context, OTLP export, JSON logs, metrics; the only OpenTelemetry user.
+//! - [`ui`]: the dashboard at `/ui` (embedded HTML, JavaScript and CSS).
 //! - [`error`]: [`error::ApiError`] and [`error::GatewayError`].
+//! - [`openapi`]: the OpenAPI 3.1 document of the client API, generated from the wire types
+//!   and the handlers' annotations, served at `GET /openapi.json`.
 
 pub mod app;
 pub mod auth;
@@ -29,12 +37,17 @@ pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod layers;
+pub mod limits;
+pub mod openapi;
 pub mod peer;
 pub mod remote_reads;
 pub mod server;
 pub mod sites;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;
+pub mod ui;
+pub mod watch;
 
 pub use app::Application;
 pub use error::{ApiError, GatewayError};

@@ -7,7 +7,10 @@
 //! failures open a circuit (requests then fail fast with `Retry-After`), and a background probe
 //! (`GET /healthz` over the link) closes it again as soon as the peer answers.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -129,6 +132,9 @@ struct LinkHealth {
 struct Connection {
     sender: SendRequest<Full<Bytes>>,
     refusal: Arc<std::sync::OnceLock<HandshakeRefusal>>,
+    /// Set once the peer has sent any data after the handshake, which it does only after
+    /// accepting this site's certificate (a refusal is an alert, never data).
+    heard: Arc<AtomicBool>,
 }
 
 impl Connection {
@@ -394,7 +400,12 @@ impl PeerClient {
         deadline: Option<Instant>,
     ) -> Result<PeerResponse, PeerError> {
         let started = Instant::now();
-        let mut budget = Duration::from_millis(self.config.request_timeout_ms);
+        // A blocking read (`waitForChange`) is held by the peer for up to its wait: that time
+        // comes on top of the usual budget, or every long wait would count as a timeout.
+        let held = sitegate_model::watch::requested_wait(
+            request.path_and_query.split_once('?').map(|(_, q)| q),
+        );
+        let mut budget = Duration::from_millis(self.config.request_timeout_ms) + held;
         if let Some(deadline) = deadline {
             budget = budget.min(deadline.saturating_duration_since(started));
         }
@@ -436,7 +447,12 @@ impl PeerClient {
         let (connection, fresh) = self.connection(peer, slot).await?;
         let result = self.exchange_on(&connection, peer, request, deadline).await;
         match result {
-            Err(PeerError::Unreachable { site, detail }) if fresh => {
+            // A peer that already sent data accepted us: asking it again would only wait out
+            // the connect timeout (a peer answering garbage says nothing until asked), and
+            // could spend the caller's whole deadline on it.
+            Err(PeerError::Unreachable { site, detail })
+                if fresh && !connection.heard.load(Ordering::Relaxed) =>
+            {
                 // A connection that failed before any answer may have been refused in the
                 // handshake, with the alert lost to a reset: ask again, quietly.
                 match self.diagnose(peer).await {
@@ -558,6 +574,11 @@ impl PeerClient {
             peer.health().peer_cert_expiry = crate::tls::not_after_millis(cert);
         }
         let (tls, refusal) = crate::tls::RefusalWatch::new(tls);
+        let heard = Arc::new(AtomicBool::new(false));
+        let tls = Heard {
+            inner: tls,
+            heard: heard.clone(),
+        };
         let (sender, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Pings find a peer that vanished without closing the connection.
@@ -572,7 +593,11 @@ impl PeerClient {
                 tracing::debug!(peer = %name, error = %e, "peer connection closed");
             }
         });
-        let connection = Connection { sender, refusal };
+        let connection = Connection {
+            sender,
+            refusal,
+            heard,
+        };
         *slot = Some(connection.clone());
         Ok((connection, true))
     }
@@ -604,6 +629,57 @@ impl PeerClient {
                 });
             }
         }
+    }
+}
+
+/// A peer-link stream that records, in `heard`, that the peer sent data.
+struct Heard<S> {
+    inner: S,
+    heard: Arc<AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Heard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

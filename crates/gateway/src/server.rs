@@ -18,7 +18,8 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::layers::{ClientAddr, PeerOrigin};
-use crate::tls::PeerTls;
+use crate::limits::{serve_client_connection, ClientConnection, ClientIo};
+use crate::tls::{ClientApiTls, PeerTls};
 
 /// What a listener speaks below HTTP.
 #[derive(Clone)]
@@ -27,16 +28,37 @@ pub enum Transport {
     Plain,
     /// The peer link: TLS 1.3 with a required client certificate naming a configured peer.
     PeerLink(Arc<PeerTls>),
+    /// The client API over HTTPS (`listen.tls_cert`): TLS 1.2+, no client certificate.
+    ClientTls(Arc<ClientApiTls>),
 }
 
-/// The largest request head accepted; larger ones get 431 from hyper.
+/// The least room hyper's parser keeps for a request head; larger heads get a bare 431 from
+/// hyper. It is only a backstop: `limits.max_header_bytes`, well below it, is enforced by
+/// `limits::header_size`, which answers 431 with the envelope.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Room for the request line beside the headers: hyper refuses longer URIs (414) itself.
+const REQUEST_LINE_ROOM: usize = 64 * 1024;
+/// Room for what the header count does not see (whitespace around values).
+const HEAD_SLACK: usize = 8 * 1024;
+
+/// hyper's cap on a request head: above any head whose URI hyper accepts and whose headers
+/// are within `max_header_bytes`, so that such a request always reaches the layer that
+/// answers with the envelope.
+fn head_buffer_bytes(max_header_bytes: usize) -> usize {
+    MAX_HEADER_BYTES.max(
+        max_header_bytes
+            .saturating_add(REQUEST_LINE_ROOM)
+            .saturating_add(HEAD_SLACK),
+    )
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct ServeLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// `limits.max_header_bytes`, from which hyper's own backstop is derived.
+    pub max_header_bytes: usize,
 }
 
 impl From<&LimitsConfig> for ServeLimits {
@@ -45,6 +67,7 @@ impl From<&LimitsConfig> for ServeLimits {
             max_connections: l.max_connections,
             header_read_timeout: Duration::from_secs(l.header_read_timeout_secs),
             shutdown_grace: Duration::from_secs(l.shutdown_grace_secs),
+            max_header_bytes: l.max_header_bytes,
         }
     }
 }
@@ -54,6 +77,7 @@ fn service(
     app: Router,
     client: std::net::SocketAddr,
     origin: Option<PeerOrigin>,
+    connection: Option<Arc<ClientConnection>>,
 ) -> TowerToHyperService<
     impl tower::Service<
             hyper::Request<Incoming>,
@@ -69,7 +93,14 @@ fn service(
             if let Some(origin) = &origin {
                 req.extensions_mut().insert(origin.clone());
             }
-            app.clone().oneshot(req)
+            // The connection's limits need to know when requests start and are answered.
+            let in_flight = connection.as_ref().map(|c| c.request_started());
+            let answer = app.clone().oneshot(req);
+            async move {
+                let answer = answer.await;
+                drop(in_flight);
+                answer
+            }
         },
     ))
 }
@@ -83,16 +114,17 @@ pub async fn serve(
     transport: Transport,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    let head_buffer = head_buffer_bytes(limits.max_header_bytes);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(head_buffer);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(u32::try_from(head_buffer).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
@@ -123,16 +155,55 @@ pub async fn serve(
         let app = app.clone();
         let transport = transport.clone();
         let handshake_timeout = limits.header_read_timeout;
+        let head_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             match transport {
                 Transport::Plain => {
-                    let service = service(app, client, None);
+                    // Anyone can connect here, so the connection is watched for the time
+                    // limits hyper does not apply (see `limits::serve_client_connection`).
+                    let (io, watched) = ClientIo::new(stream);
+                    let service = service(app, client, None, Some(watched.connection()));
                     let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
                         .into_owned();
-                    if let Err(e) = watcher.watch(connection).await {
-                        tracing::debug!(error = %e, %client, "connection ended with an error");
-                    }
+                    serve_client_connection(
+                        watcher.watch(connection),
+                        watched,
+                        head_timeout,
+                        client,
+                    )
+                    .await;
+                }
+                Transport::ClientTls(tls) => {
+                    // As on the peer link, the handshake runs in the connection's own task and
+                    // within the head timeout. Then the same limits as on the plain listener,
+                    // counted on the decrypted bytes.
+                    let accepted =
+                        tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream))
+                            .await;
+                    let stream = match accepted {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, %client, "client API: TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%client, "client API: TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let (io, watched) = ClientIo::new(stream);
+                    let service = service(app, client, None, Some(watched.connection()));
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .into_owned();
+                    serve_client_connection(
+                        watcher.watch(connection),
+                        watched,
+                        head_timeout,
+                        client,
+                    )
+                    .await;
                 }
                 Transport::PeerLink(tls) => {
                     // The handshake runs here, not in the accept loop, so a slow or hostile
@@ -160,7 +231,7 @@ pub async fn serve(
                     // The verifier refuses any certificate that names no peer, so this is only
                     // reached for configured peers.
                     let Some(origin) = origin else { return };
-                    let service = service(app, client, Some(PeerOrigin(origin)));
+                    let service = service(app, client, Some(PeerOrigin(origin)), None);
                     let connection = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();

@@ -74,6 +74,33 @@ impl SiteResolver {
         }
     }
 
+    /// The routes of `site=*` for a caller: the local site and each peer `extended_to` says
+    /// the caller's session reaches. A request from a peer gets `SiteNotFound`, as for any
+    /// other site: it is never fanned out again.
+    pub fn fan_out(
+        &self,
+        from_peer: Option<&SiteName>,
+        extended_to: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Route>, ApiError> {
+        if from_peer.is_some() {
+            return Err(ApiError::SiteNotFound(
+                sitegate_model::fanout::ALL_SITES.to_owned(),
+            ));
+        }
+        crate::telemetry::note_target_site(sitegate_model::fanout::ALL_SITES);
+        let mut routes = vec![Route::Local];
+        if let Some(client) = &self.peers {
+            for name in client.peers.names() {
+                if let Some(peer) = client.peers.get(name.as_str()) {
+                    if extended_to(name.as_str()) {
+                        routes.push(Route::Peer(peer.clone()));
+                    }
+                }
+            }
+        }
+        Ok(routes)
+    }
+
     /// Every site this one knows, local first, with link health for peers.
     pub fn sites(&self) -> Vec<SiteInfo> {
         let mut sites = vec![SiteInfo {

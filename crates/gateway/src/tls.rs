@@ -7,6 +7,9 @@
 //! if it names a configured peer; the peer client connects with the peer's *site name* as the
 //! TLS server name, whatever host its URL points at, so a certificate for another site is
 //! refused even at the right address.
+//!
+//! The client API may also serve HTTPS ([`ClientApiTls`]): an ordinary server certificate,
+//! no client certificates, TLS 1.2 and 1.3.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -238,6 +241,101 @@ impl PeerTls {
     }
 }
 
+/// Certificates that can be re-read while serving: SIGHUP forces a reload, the file watcher
+/// reloads on a changed modification time.
+pub trait ReloadableCertificates: Send + Sync {
+    /// Re-reads the files; on failure the old configuration stays in force.
+    fn reload(&self) -> Result<(), TlsError>;
+    /// Reloads when a file's modification time changed; returns whether it did.
+    fn reload_if_changed(&self) -> Result<bool, TlsError>;
+}
+
+impl ReloadableCertificates for PeerTls {
+    fn reload(&self) -> Result<(), TlsError> {
+        PeerTls::reload(self)
+    }
+
+    fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        PeerTls::reload_if_changed(self)
+    }
+}
+
+/// The client API's HTTPS, when an operator configures it (`listen.tls_cert`/`tls_key`):
+/// server authentication only, TLS 1.3 and 1.2 (never older: rustls has nothing older, and the
+/// versions are named here so no future default widens them), ALPN h2 then http/1.1.
+/// Reloadable like the peer link's, so a certificate can be renewed without a restart.
+pub struct ClientApiTls {
+    /// The certificate chain file (`listen.tls_cert`), re-read on reload.
+    cert: PathBuf,
+    /// Its private key file (`listen.tls_key`).
+    key: PathBuf,
+    /// The configuration new connections get, and the files' modification times it was
+    /// built from.
+    current: ArcSwap<(Arc<ServerConfig>, Vec<Option<SystemTime>>)>,
+    /// Serialises reloads (SIGHUP and the file watcher may race).
+    reloading: Mutex<()>,
+}
+
+/// The protocol versions the client API accepts, newest first.
+pub static CLIENT_API_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn build_client_api(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<ServerConfig>, Vec<Option<SystemTime>>), TlsError> {
+    let stamp = [cert, key]
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect();
+    let chain = read_certs(cert)?;
+    let key = read_key(key)?;
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(CLIENT_API_VERSIONS)
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Invalid(format!("client API certificate and key: {e}")))?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((Arc::new(server), stamp))
+}
+
+impl ClientApiTls {
+    pub fn load(cert: PathBuf, key: PathBuf) -> Result<Self, TlsError> {
+        let loaded = build_client_api(&cert, &key)?;
+        Ok(ClientApiTls {
+            cert,
+            key,
+            current: ArcSwap::from_pointee(loaded),
+            reloading: Mutex::new(()),
+        })
+    }
+
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load().0.clone())
+    }
+}
+
+impl ReloadableCertificates for ClientApiTls {
+    fn reload(&self) -> Result<(), TlsError> {
+        let _guard = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = build_client_api(&self.cert, &self.key)?;
+        self.current.store(Arc::new(loaded));
+        Ok(())
+    }
+
+    fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now: Vec<_> = [&self.cert, &self.key]
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect();
+        if now == self.current.load().1 {
+            return Ok(false);
+        }
+        ReloadableCertificates::reload(self).map(|()| true)
+    }
+}
+
 /// Accepts a client certificate only if it chains to the federation CA *and* names a
 /// configured peer, so an unknown site is refused during the handshake.
 #[derive(Debug)]
@@ -450,5 +548,27 @@ mod tests {
         );
         let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(handshake_refusal(&plain), None);
+    }
+
+    #[test]
+    fn the_client_api_offers_tls_1_3_and_1_2_only() {
+        let versions: Vec<_> = CLIENT_API_VERSIONS.iter().map(|v| v.version).collect();
+        assert_eq!(
+            versions,
+            [
+                rustls::ProtocolVersion::TLSv1_3,
+                rustls::ProtocolVersion::TLSv1_2
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_client_api_certificate_is_named() {
+        let dir = std::env::temp_dir().join(format!("sitegate-tls-{}", std::process::id()));
+        let err = ClientApiTls::load(dir.join("none.pem"), dir.join("none.key"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("none.pem"), "{err}");
     }
 }

@@ -180,6 +180,14 @@ pub struct ListenConfig {
     /// The mutual-TLS peer link. Default: none (no peer link).
     #[serde(default)]
     pub peer: Option<SocketAddr>,
+    /// A certificate chain (PEM) for the client API: when set (with `tls_key`), the client API
+    /// speaks HTTPS only (TLS 1.2 or 1.3, HTTP/2 or HTTP/1.1 by ALPN). Reloaded when the file
+    /// changes, like the peer link's. Default: none (plain HTTP, for TLS terminated in front).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ListenConfig {
@@ -187,6 +195,8 @@ impl Default for ListenConfig {
         ListenConfig {
             client: default_client_addr(),
             peer: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -285,6 +295,43 @@ pub struct AuthConfig {
     /// A session ends this long after login, used or not. Default: 86400 (24 h).
     #[serde(default = "default_max_age")]
     pub session_max_age_secs: u64,
+    /// Failed logins for one user name within `login_failure_window_secs` that lock the name
+    /// out (429 with `Retry-After`, password not checked) for `login_lockout_secs`. Unknown
+    /// names count too, so a lockout says nothing about which names exist. 0 turns it off.
+    /// Default: 5.
+    #[serde(default = "default_login_failures_per_user")]
+    pub login_failures_per_user: u32,
+    /// Failed logins from one client address (an IPv4 address or an IPv6 /64) within the window
+    /// that lock the address out. Behind a load balancer every client has the balancer's
+    /// address: set 0 (off) there and throttle at the balancer. Default: 20.
+    #[serde(default = "default_login_failures_per_address")]
+    pub login_failures_per_address: u32,
+    /// The sliding window in which failed logins are counted, in seconds. Default: 300.
+    #[serde(default = "default_login_failure_window")]
+    pub login_failure_window_secs: u64,
+    /// The first lockout, in seconds; each further lockout of the same name or address doubles
+    /// it, up to `login_lockout_max_secs`. Default: 30.
+    #[serde(default = "default_login_lockout")]
+    pub login_lockout_secs: u64,
+    /// The longest lockout, in seconds. Default: 900 (15 min).
+    #[serde(default = "default_login_lockout_max")]
+    pub login_lockout_max_secs: u64,
+}
+
+impl AuthConfig {
+    /// The users file and every other setting at its default.
+    pub fn new(users_file: PathBuf) -> Self {
+        AuthConfig {
+            users_file,
+            session_idle_timeout_secs: default_idle_timeout(),
+            session_max_age_secs: default_max_age(),
+            login_failures_per_user: default_login_failures_per_user(),
+            login_failures_per_address: default_login_failures_per_address(),
+            login_failure_window_secs: default_login_failure_window(),
+            login_lockout_secs: default_login_lockout(),
+            login_lockout_max_secs: default_login_lockout_max(),
+        }
+    }
 }
 
 fn default_idle_timeout() -> u64 {
@@ -294,6 +341,21 @@ fn default_idle_timeout() -> u64 {
 fn default_max_age() -> u64 {
     86_400
 }
+fn default_login_failures_per_user() -> u32 {
+    5
+}
+fn default_login_failures_per_address() -> u32 {
+    20
+}
+fn default_login_failure_window() -> u64 {
+    300
+}
+fn default_login_lockout() -> u64 {
+    30
+}
+fn default_login_lockout_max() -> u64 {
+    900
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -301,13 +363,20 @@ pub struct LimitsConfig {
     /// Largest request body accepted. Default: 1048576 (1 MiB).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Largest total size of a request's headers (names, values and their separators; the
+    /// request line is bounded on its own); larger ones get 431 BadUserInput. The HTTP parser
+    /// keeps a hard limit above this one, which it answers with a bare 431. Default: 16384
+    /// (16 KiB).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
     /// A request not answered in this time fails. Default: 30.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
-    /// A client that has not sent its whole request head in this time is disconnected. It also
-    /// bounds how long an idle keep-alive connection stays open between requests (hyper's timer
-    /// runs whenever it waits for a request head); keep balancers' idle connection timeouts
-    /// below it. Default: 10.
+    /// A client that has not sent its whole request head in this time is answered 408 (when
+    /// it had sent part of one) and disconnected; a new connection must bring its first
+    /// request within it too. It also bounds how long an idle connection stays open between
+    /// requests (HTTP/1: no new request head; HTTP/2: no request in flight and no traffic);
+    /// keep balancers' idle connection timeouts below it. Default: 10.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout_secs: u64,
     /// Requests handled at once; more wait. Default: 1024.
@@ -330,6 +399,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_body_bytes: default_max_body(),
+            max_header_bytes: default_max_header_bytes(),
             request_timeout_secs: default_request_timeout(),
             header_read_timeout_secs: default_header_timeout(),
             max_concurrent_requests: default_max_concurrent(),
@@ -342,6 +412,9 @@ impl Default for LimitsConfig {
 
 fn default_max_body() -> usize {
     1 << 20
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
 }
 fn default_request_timeout() -> u64 {
     30
@@ -455,6 +528,13 @@ impl SiteConfig {
                 "limits.max_body_bytes must be at least 1024",
             ));
         }
+        // Below 1 KiB ordinary clients fail; above 1 MiB one request head could hold that much
+        // memory per connection.
+        if !(1024..=1 << 20).contains(&l.max_header_bytes) {
+            return Err(ModelError::invalid(
+                "limits.max_header_bytes must be from 1024 to 1048576",
+            ));
+        }
         for (name, v) in [
             ("limits.request_timeout_secs", l.request_timeout_secs),
             (
@@ -466,12 +546,27 @@ impl SiteConfig {
                 self.auth.session_idle_timeout_secs,
             ),
             ("auth.session_max_age_secs", self.auth.session_max_age_secs),
+            (
+                "auth.login_failure_window_secs",
+                self.auth.login_failure_window_secs,
+            ),
+            ("auth.login_lockout_secs", self.auth.login_lockout_secs),
         ] {
             if v == 0 {
                 return Err(ModelError::invalid(format!(
                     "{name} must be greater than 0"
                 )));
             }
+        }
+        if self.listen.tls_cert.is_some() != self.listen.tls_key.is_some() {
+            return Err(ModelError::invalid(
+                "listen.tls_cert and listen.tls_key go together: set both or neither",
+            ));
+        }
+        if self.auth.login_lockout_max_secs < self.auth.login_lockout_secs {
+            return Err(ModelError::invalid(
+                "auth.login_lockout_max_secs must be at least auth.login_lockout_secs",
+            ));
         }
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return Err(ModelError::invalid(
@@ -545,11 +640,7 @@ mod tests {
             },
             listen: ListenConfig::default(),
             store: StoreConfig::default(),
-            auth: AuthConfig {
-                users_file: "users.toml".into(),
-                session_idle_timeout_secs: 1800,
-                session_max_age_secs: 86400,
-            },
+            auth: AuthConfig::new("users.toml".into()),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             tls: None,
@@ -607,9 +698,32 @@ mod tests {
         c.limits.max_body_bytes = 10;
         assert!(c.validate().is_err());
 
+        for bytes in [0, 1023, (1 << 20) + 1] {
+            let mut c = minimal();
+            c.limits.max_header_bytes = bytes;
+            assert!(c.validate().is_err(), "max_header_bytes {bytes}");
+        }
+
         let mut c = minimal();
         c.auth.session_idle_timeout_secs = 0;
         assert!(c.validate().is_err());
+
+        let mut c = minimal();
+        c.listen.tls_cert = Some("client.pem".into());
+        assert!(c.validate().is_err(), "a certificate without its key");
+        c.listen.tls_key = Some("client.key".into());
+        assert!(c.validate().is_ok());
+
+        let mut c = minimal();
+        c.auth.login_lockout_secs = 0;
+        assert!(c.validate().is_err(), "a zero lockout would not lock");
+        let mut c = minimal();
+        c.auth.login_lockout_max_secs = c.auth.login_lockout_secs - 1;
+        assert!(c.validate().is_err(), "max lockout below the first");
+        let mut c = minimal();
+        c.auth.login_failures_per_user = 0;
+        c.auth.login_failures_per_address = 0;
+        assert!(c.validate().is_ok(), "0 turns throttling off");
 
         let mut c = minimal();
         c.peers.push(PeerConfig {

@@ -72,7 +72,7 @@ impl std::fmt::Display for ErrorCode {
 /// `{"code","msg","args","stacktrace"}`: the body of every error response, and the shape of a
 /// task's `error` and `warnings`. `code` is a free string because task errors and peers may
 /// carry codes this gateway does not define.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorEnvelope {
     pub code: String,
     #[serde(default)]

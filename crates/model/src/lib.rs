@@ -12,6 +12,9 @@
 //!   envelope; [`ModelError`], the one error type of this crate (always a caller's mistake).
 //! - [`task`]: the task object, task writes (`NewTask`, `TaskPatch`) and their validation.
 //! - [`query`]: the `GET /tasks` query string parsed into a [`query::TaskQuery`].
+//! - [`watch`]: the blocking-read query of `GET /tasks/{id}` (`waitForChange`, `timeout`,
+//!   `lastUpdated`).
+//! - [`fanout`]: all-sites queries (`site=*`): the per-site query and the merge of pages.
 //! - [`session`]: login, session details, roles, users file entries.
 //! - [`site`]: validated [`site::SiteName`], the `/sites` objects.
 //! - [`operation`]: the validated [`operation::OperationId`].
@@ -19,11 +22,13 @@
 
 pub mod config;
 pub mod error;
+pub mod fanout;
 pub mod operation;
 pub mod query;
 pub mod session;
 pub mod site;
 pub mod task;
+pub mod watch;
 
 pub use error::{ErrorCode, ErrorEnvelope, ModelError};
 

@@ -44,7 +44,48 @@ pub fn parse_pairs(
         }
         seen.push(name);
     }
+    // serde_urlencoded decodes lossily (`%FF` becomes U+FFFD), so a value that is not UTF-8
+    // once percent-decoded would be searched for as a different string; it is refused instead.
+    // `site` is exempt: it is only compared with site names, so a value that names no site is
+    // `SiteNotFound` whatever its bytes. The scan runs only when a replacement character shows.
+    if pairs
+        .iter()
+        .any(|(name, value)| name != "site" && value.contains('\u{FFFD}'))
+    {
+        for segment in raw.split('&') {
+            let (name, value) = segment.split_once('=').unwrap_or((segment, ""));
+            let name = percent_decode(name);
+            if name != b"site" && std::str::from_utf8(&percent_decode(value)).is_err() {
+                return Err(ModelError::invalid(format!(
+                    "query parameter '{}' is not UTF-8 once percent-decoded",
+                    echo(&String::from_utf8_lossy(&name))
+                )));
+            }
+        }
+    }
     Ok(pairs)
+}
+
+/// One query-string component decoded as form encoding does (`+` is a space; a `%` without two
+/// hex digits after it stays as it is), but to bytes, without the lossy step to UTF-8.
+fn percent_decode(component: &str) -> Vec<u8> {
+    let bytes = component.as_bytes();
+    let hex = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+            (b'+', _, _) => out.push(b' '),
+            (b, _, _) => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The query of an endpoint that takes only `site` (`GET /tasks/{id}`, `POST /tasks/poll`).
@@ -206,12 +247,7 @@ impl TaskQuery {
                     crate::session::validate_user_name(&value)?;
                     q.user = Some(value)
                 }
-                "state" => {
-                    q.states = value
-                        .split(',')
-                        .map(|s| TaskState::parse(s.trim()))
-                        .collect::<Result<_, _>>()?
-                }
+                "state" => q.states = parse_states(&value)?,
                 "type" => q.workflow_type = Some(text_filter(&name, value)?),
                 "resourceType" => q.resource_type = Some(text_filter(&name, value)?),
                 "resourceId" => q.resource_id = Some(text_filter(&name, value)?),
@@ -317,6 +353,19 @@ fn text_filter(name: &str, value: String) -> Result<String, ModelError> {
     Ok(value)
 }
 
+/// A comma list of states, each kept once: there are only three, and a list repeating them
+/// thousands of times (a long query string) must not become thousands of SQL parameters.
+fn parse_states(raw: &str) -> Result<Vec<TaskState>, ModelError> {
+    let mut states = Vec::new();
+    for part in raw.split(',') {
+        let state = TaskState::parse(part.trim())?;
+        if !states.contains(&state) {
+            states.push(state);
+        }
+    }
+    Ok(states)
+}
+
 fn parse_ids(raw: &str) -> Result<Vec<Uuid>, ModelError> {
     let mut ids = Vec::new();
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -416,6 +465,9 @@ mod tests {
             "offset=-5",
             "offset=1.5",
             "state=DONE",
+            "state=",
+            "state=RUNNING,",
+            "state=running",
             "sort=bogus",
             "sort=user,user",
             "sort=",
@@ -427,9 +479,20 @@ mod tests {
             "user=bad%20name",
             "type=sync%00",
             "resourceName=a%0Ab",
+            // Not UTF-8 once percent-decoded (found by the property tests).
+            "type=%80",
+            "resourceId=a%C3",
+            "resourceName=%ED%A0%80",
         ] {
             assert!(TaskQuery::parse(Some(raw)).is_err(), "{raw}");
         }
+    }
+
+    #[test]
+    fn repeated_states_are_kept_once() {
+        let raw = format!("state={}", ["RUNNING", "FAILED"].repeat(3000).join(","));
+        let q = TaskQuery::parse(Some(&raw)).unwrap();
+        assert_eq!(q.states, vec![TaskState::Running, TaskState::Failed]);
     }
 
     #[test]
@@ -450,5 +513,15 @@ mod tests {
         );
         assert_eq!(parse_site_only(None).unwrap(), None);
         assert!(parse_site_only(Some("limit=1")).is_err());
+    }
+
+    #[test]
+    fn only_undecodable_bytes_are_refused() {
+        // A real U+FFFD is a value like any other.
+        let q = TaskQuery::parse(Some("type=%EF%BF%BD&resourceId=%2B+%25")).unwrap();
+        assert_eq!(q.workflow_type.as_deref(), Some("\u{FFFD}"));
+        assert_eq!(q.resource_id.as_deref(), Some("+ %"));
+        // A `site` names no site whatever its bytes: the resolver answers SiteNotFound.
+        assert!(parse_site_only(Some("site=%FF%FE")).is_ok());
     }
 }

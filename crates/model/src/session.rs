@@ -6,7 +6,7 @@ use crate::ModelError;
 
 /// What a user may do. `Admin` sees every task and may filter by user; `Writer` is a site's own
 /// service that creates and updates tasks; `User` reads its own tasks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -45,7 +45,7 @@ pub fn validate_user_name(name: &str) -> Result<(), ModelError> {
 }
 
 /// `POST /sessions` body.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 pub enum LoginRequest {
     #[serde(rename_all = "camelCase")]
@@ -88,18 +88,22 @@ impl std::fmt::Debug for RemoteSession {
 }
 
 /// `POST /sessions/extend` body.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 pub enum ExtendRequest {
     /// Log in at the peer with that peer's credentials.
     Credentials {
+        #[schema(min_length = 1)]
         site: String,
         username: String,
         password: String,
     },
     /// Ask the peer for a session for the same user name; granted only if the peer trusts this
     /// site to assert identities.
-    Multisite { site: String },
+    Multisite {
+        #[schema(min_length = 1)]
+        site: String,
+    },
 }
 
 impl ExtendRequest {
@@ -134,13 +138,13 @@ pub struct MultisiteSessionRequest {
 }
 
 /// One site this session may act on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuthenticatedSite {
     pub site: String,
 }
 
 /// Session details, the body of `POST /sessions` and `GET /sessions`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionDetails {
     pub user: String,

@@ -57,7 +57,7 @@ impl std::fmt::Display for SiteName {
 }
 
 /// Link health as the original API reports it: `null` means healthy.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteState {
     pub incoming_comm_error: Option<ErrorEnvelope>,
@@ -65,7 +65,7 @@ pub struct SiteState {
 }
 
 /// One entry of `GET /sites`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteInfo {
     pub site: String,
@@ -81,7 +81,7 @@ pub struct SiteInfo {
 }
 
 /// The state of the circuit breaker in front of a peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum CircuitState {
     /// Requests go to the peer.
@@ -93,7 +93,7 @@ pub enum CircuitState {
 }
 
 /// Health of the link to one peer, beside the original fields.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkInfo {
     pub url: String,

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::{EpochMillis, ErrorEnvelope, ModelError};
 
 /// A task's state; only `Running` is not final.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TaskState {
     Running,
@@ -42,7 +42,7 @@ impl TaskState {
 }
 
 /// What a task works on. Only `type` is required when a task is created; the rest may be null.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowInfo {
     #[serde(rename = "type", default)]
@@ -56,17 +56,21 @@ pub struct WorkflowInfo {
 }
 
 /// A long-running operation's record, exactly as the original API names its fields.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Task {
     pub id: Uuid,
     pub user: String,
     pub site: String,
     pub state: TaskState,
+    #[schema(maximum = 100)]
     pub progress: u8,
+    #[schema(value_type = i64)]
     pub start_time: EpochMillis,
+    #[schema(value_type = i64)]
     pub last_updated: EpochMillis,
     /// `-1` while the task is running.
+    #[schema(value_type = i64, minimum = -1)]
     pub end_time: EpochMillis,
     /// Set only when the task succeeded.
     #[serde(default)]
@@ -125,14 +129,14 @@ impl Task {
 }
 
 /// `GET /tasks` answer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskList {
     pub items: Vec<Task>,
     pub total: u64,
 }
 
 /// `POST /tasks/poll` answer: columnar, one row per visible task in the order asked.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PollResponse {
     pub property_names: Vec<String>,
@@ -206,12 +210,15 @@ pub fn validate_text(name: &str, value: &str) -> Result<(), ModelError> {
 }
 
 /// `POST /tasks` body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewTask {
     #[serde(default)]
     pub id: Option<Uuid>,
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     pub user: String,
+    #[serde(deserialize_with = "strict::workflow_info")]
+    #[schema(value_type = strict::StrictWorkflowInfo)]
     pub workflow_info: WorkflowInfo,
 }
 
@@ -237,21 +244,105 @@ impl NewTask {
 }
 
 /// `PATCH /tasks/{id}` body as sent.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TaskPatch {
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
     pub progress: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict::envelopes")]
+    #[schema(value_type = Option<Vec<strict::StrictEnvelope>>, max_items = 100)]
     pub warnings: Option<Vec<ErrorEnvelope>>,
     #[serde(default)]
     pub state: Option<TaskState>,
     #[serde(default)]
+    #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub result_type: Option<String>,
     #[serde(default)]
     pub result: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict::envelope")]
+    #[schema(value_type = Option<strict::StrictEnvelope>)]
     pub error: Option<ErrorEnvelope>,
+}
+
+/// The nested objects of task writes, read as strictly as the bodies around them: a misspelt
+/// field (`workflowInfo.resourceNmae`, `error.mgs`) is refused, not silently dropped (found by
+/// the property tests). `WorkflowInfo` and `ErrorEnvelope` themselves stay lenient, because they
+/// also read tasks and errors from peers, which may be newer.
+mod strict {
+    use serde::{Deserialize, Deserializer};
+
+    use super::WorkflowInfo;
+    use crate::ErrorEnvelope;
+
+    #[derive(Deserialize, utoipa::ToSchema)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    #[schema(as = WorkflowInfoInput)]
+    pub(super) struct StrictWorkflowInfo {
+        #[serde(rename = "type", default)]
+        #[schema(
+            required = true,
+            min_length = 1,
+            max_length = 256,
+            pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+        )]
+        workflow_type: String,
+        #[serde(default)]
+        #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+        resource_type: Option<String>,
+        #[serde(default)]
+        #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+        resource_id: Option<String>,
+        #[serde(default)]
+        #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+        resource_name: Option<String>,
+    }
+
+    #[derive(Deserialize, utoipa::ToSchema)]
+    #[serde(deny_unknown_fields)]
+    #[schema(as = ErrorEnvelopeInput)]
+    pub(super) struct StrictEnvelope {
+        #[schema(min_length = 1)]
+        code: String,
+        #[serde(default)]
+        msg: String,
+        #[serde(default)]
+        args: Vec<String>,
+        #[serde(default)]
+        stacktrace: String,
+    }
+
+    impl From<StrictEnvelope> for ErrorEnvelope {
+        fn from(e: StrictEnvelope) -> Self {
+            ErrorEnvelope {
+                code: e.code,
+                msg: e.msg,
+                args: e.args,
+                stacktrace: e.stacktrace,
+            }
+        }
+    }
+
+    pub fn workflow_info<'de, D: Deserializer<'de>>(d: D) -> Result<WorkflowInfo, D::Error> {
+        let w = StrictWorkflowInfo::deserialize(d)?;
+        Ok(WorkflowInfo {
+            workflow_type: w.workflow_type,
+            resource_type: w.resource_type,
+            resource_id: w.resource_id,
+            resource_name: w.resource_name,
+        })
+    }
+
+    pub fn envelope<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ErrorEnvelope>, D::Error> {
+        Ok(Option::<StrictEnvelope>::deserialize(d)?.map(ErrorEnvelope::from))
+    }
+
+    pub fn envelopes<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<ErrorEnvelope>>, D::Error> {
+        Ok(Option::<Vec<StrictEnvelope>>::deserialize(d)?
+            .map(|all| all.into_iter().map(ErrorEnvelope::from).collect()))
+    }
 }
 
 /// How a valid patch ends the task, if it does.
@@ -559,6 +650,23 @@ mod tests {
             r#"{"user":"a","workflowInfo":{"type":"t"},"x":1}"#
         )
         .is_err());
+        // Nested objects too; the same objects in a task (a peer's answer) stay lenient.
+        for nested in [
+            r#"{"user":"a","workflowInfo":{"type":"t","resourceNmae":"vm"}}"#,
+            r#"{"state":"FAILED","error":{"code":"E","mgs":"boom"}}"#,
+            r#"{"warnings":[{"code":"W","x":1}]}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<NewTask>(nested).is_err()
+                    && serde_json::from_str::<TaskPatch>(nested).is_err(),
+                "{nested}"
+            );
+        }
+        assert!(serde_json::from_str::<WorkflowInfo>(r#"{"type":"t","later":1}"#).is_ok());
+        let patch: TaskPatch =
+            serde_json::from_str(r#"{"warnings":null,"error":null,"state":"RUNNING"}"#).unwrap();
+        assert_eq!(patch.warnings, None);
+        assert_eq!(patch.error, None);
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub struct ClientArgs {
     /// Default: $XDG_CONFIG_HOME/sitegate/session.json or ~/.config/sitegate/session.json.
     #[arg(long, env = "SITEGATE_SESSION_FILE", global = true)]
     session_file: Option<PathBuf>,
-    /// A PEM CA certificate to trust for an https:// URL, besides the system's.
+    /// A PEM CA certificate to trust for an https:// URL, besides the public web roots.
     #[arg(long, env = "SITEGATE_CA_CERT", global = true)]
     ca_cert: Option<PathBuf>,
 }

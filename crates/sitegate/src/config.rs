@@ -66,6 +66,12 @@ fn resolve_paths(config: &mut SiteConfig, base: &Path) {
     };
     fix(&mut config.store.path);
     fix(&mut config.auth.users_file);
+    for path in [&mut config.listen.tls_cert, &mut config.listen.tls_key]
+        .into_iter()
+        .flatten()
+    {
+        fix(path);
+    }
     if let Some(tls) = &mut config.tls {
         fix(&mut tls.ca);
         fix(&mut tls.cert);
@@ -109,11 +115,7 @@ pub fn dev_default() -> Result<SiteConfig, ConfigError> {
             path: dir.join("local"),
             ..StoreConfig::default()
         },
-        auth: AuthConfig {
-            users_file,
-            session_idle_timeout_secs: 1800,
-            session_max_age_secs: 86_400,
-        },
+        auth: AuthConfig::new(users_file),
         limits: LimitsConfig::default(),
         log: LogConfig::default(),
         tls: None,

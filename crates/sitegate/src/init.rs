@@ -124,6 +124,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
             listen: ListenConfig {
                 client: addr(port(args.base_port, 2 * k)?),
                 peer: Some(addr(port(args.base_port, 2 * k + 1)?)),
+                ..ListenConfig::default()
             },
             store: match &args.postgres {
                 None => StoreConfig {
@@ -141,11 +142,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                     ..StoreConfig::default()
                 },
             },
-            auth: AuthConfig {
-                users_file: PathBuf::from(format!("{name}.users.toml")),
-                session_idle_timeout_secs: 1800,
-                session_max_age_secs: 86_400,
-            },
+            auth: AuthConfig::new(PathBuf::from(format!("{name}.users.toml"))),
             limits: LimitsConfig::default(),
             // JSON lines wherever logs are collected (services, files, CI); readable text when
             // someone runs the site in a terminal.

@@ -23,6 +23,8 @@ pub struct AppState {
     pub sessions: Arc<SessionManager>,
     pub resolver: Arc<SiteResolver>,
     pub readiness: Arc<Readiness>,
+    /// Blocking reads and event streams waiting for a task to change.
+    pub watch: crate::watch::SharedWatch,
 }
 
 /// Whether this process should receive new traffic; set to draining on shutdown so load

@@ -7,11 +7,25 @@ use serde_json::{json, Value};
 use super::AppState;
 use crate::error::ApiError;
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "operations",
+    responses((status = 200, description = "Alive: `{\"status\":\"ok\"}`.", body = crate::openapi::ProbeStatus))
+)]
 /// Alive: the process answers HTTP.
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "Metrics in the Prometheus text format (version 0.0.4).", body = String, content_type = "text/plain"))
+)]
 /// Prometheus text format. Session count is read at scrape time, so it is right on every
 /// replica sharing the store.
 pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
@@ -33,6 +47,16 @@ pub async fn metrics(State(state): State<AppState>) -> axum::response::Response 
         .into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: `{\"status\":\"ready\"}`.", body = crate::openapi::ProbeStatus),
+        (status = 503, description = "GeneralServerFailure: draining for shutdown, or the store is unreachable.", body = sitegate_model::ErrorEnvelope),
+    )
+)]
 /// Ready: not draining and the store answers.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.readiness.is_draining() {

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use sitegate_model::session::{
     AuthenticatedSite, ExtendRequest, LoginRequest, MultisiteSessionRequest, RemoteSession,
     SessionDetails,
@@ -14,6 +14,7 @@ use super::AppState;
 use crate::auth::{Caller, AUTH_HEADER};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Origin, RequestMeta, SitePath};
+use crate::layers::ClientAddr;
 use crate::peer::{Forward, Peer};
 use crate::sites::Route;
 
@@ -40,25 +41,75 @@ fn issued(state: &AppState, token: &str, caller: &Caller) -> Result<Response, Ap
     Ok(response)
 }
 
+#[utoipa::path(
+    post,
+    path = "/sessions",
+    operation_id = "login",
+    tag = "sessions",
+    request_body(content = LoginRequest, description = "A local user's credentials."),
+    responses(
+        (status = 200, description = "Logged in: the session's details; the token is in the `X-VCAV-Auth` header.", body = SessionDetails,
+            headers(("X-VCAV-Auth" = String, description = "The session token, for the `X-VCAV-Auth` header of later requests."))),
+        (status = 400, description = "BadUserInput: a malformed body.", body = sitegate_model::ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: wrong user name or password.", body = sitegate_model::ErrorEnvelope),
+        (status = 413, description = "BadUserInput: the body is larger than the site allows.", body = sitegate_model::ErrorEnvelope),
+        (status = 429, description = "NotAuthenticated: too many failed logins for this user name or from this address; `Retry-After` says when to try again.", body = sitegate_model::ErrorEnvelope),
+    )
+)]
 /// `POST /sessions`: the token travels back in the `X-VCAV-Auth` header.
+///
+/// Failed logins are throttled per user name and per client address. A login arriving over
+/// the peer link (a credentials extension) carries the peer site's address, which all of that
+/// site's users share, so only its user name counts.
 pub async fn login(
     State(state): State<AppState>,
+    Origin(origin): Origin,
+    client: Option<Extension<ClientAddr>>,
     JsonBody(body): JsonBody<LoginRequest>,
 ) -> Result<Response, ApiError> {
     let LoginRequest::LocalUser {
         local_user,
         local_password,
     } = body;
-    let (token, caller) = state.sessions.login(&local_user, &local_password).await?;
+    let address = match (origin, client) {
+        (None, Some(Extension(ClientAddr(addr)))) => Some(addr.ip()),
+        _ => None,
+    };
+    let (token, caller) = state
+        .sessions
+        .login(&local_user, &local_password, address)
+        .await?;
     tracing::info!(user = %caller.user, "logged in");
     issued(&state, &token, &caller)
 }
 
+#[utoipa::path(
+    get,
+    path = "/sessions",
+    operation_id = "getSession",
+    tag = "sessions",
+    responses(
+        (status = 200, description = "The session's details.", body = SessionDetails),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token.", body = sitegate_model::ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `GET /sessions`.
 pub async fn get(State(state): State<AppState>, caller: Caller) -> Json<SessionDetails> {
     Json(details(&state, &caller))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/sessions",
+    operation_id = "logout",
+    tag = "sessions",
+    responses(
+        (status = 204, description = "Logged out: the token is dead on every replica; sessions held at peers are ended in the background."),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token.", body = sitegate_model::ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `DELETE /sessions`: the token is dead at once, for every replica sharing the store; the
 /// sessions held at peers are logged out there too, as far as they can be reached.
 pub async fn logout(
@@ -98,6 +149,23 @@ fn logout_at_peer(state: &AppState, remote: RemoteSession, meta: &RequestMeta) {
     });
 }
 
+#[utoipa::path(
+    post,
+    path = "/sessions/extend",
+    operation_id = "extendSession",
+    tag = "sessions",
+    request_body(content = ExtendRequest, description = "The peer, and how to obtain a session there."),
+    responses(
+        (status = 200, description = "The session's details, now naming the peer.", body = SessionDetails),
+        (status = 400, description = "BadUserInput: a malformed body, or `site` is the local site.", body = sitegate_model::ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token; or RemoteAuthenticationFailure: the peer refused the credentials or the multisite session, or the peer link's TLS authentication failed.", body = sitegate_model::ErrorEnvelope),
+        (status = 404, description = "SiteNotFound: `site` is not a configured peer.", body = sitegate_model::ErrorEnvelope),
+        (status = 413, description = "BadUserInput: the body is larger than the site allows.", body = sitegate_model::ErrorEnvelope),
+        (status = 502, description = "RemoteSiteUnavailable: the peer could not be reached, or its link is marked down.", body = sitegate_model::ErrorEnvelope),
+        (status = 504, description = "RemoteSiteTimeout: the peer did not answer in time.", body = sitegate_model::ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `POST /sessions/extend`: obtains a session at a peer and keeps it in this session.
 pub async fn extend(
     State(state): State<AppState>,
@@ -156,6 +224,20 @@ async fn obtain_remote_session(
     let response = client(state)?.send(peer, request, meta.deadline).await?;
     match response.status.as_u16() {
         200 => {}
+        // The peer throttles failed logins: its refusal, with its time to wait, is a refusal
+        // of the credentials, not a fault of the link.
+        429 => {
+            let wait = response
+                .headers
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or_else(String::new, |secs| format!(" Try again in {secs} seconds."));
+            tracing::info!(peer = %site, "peer refused a session: too many failed logins");
+            return Err(ApiError::RemoteAuth(format!(
+                "Site '{site}' refused the login: too many failed logins.{wait}"
+            )));
+        }
         401 | 403 => {
             tracing::info!(peer = %site, code = ?peer_error_code(&response), "peer refused a session");
             return Err(ApiError::RemoteAuth(format!("Site '{site}' {refused}.")));
@@ -186,6 +268,20 @@ async fn obtain_remote_session(
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/sessions/{site}",
+    operation_id = "dropSessionExtension",
+    tag = "sessions",
+    params(("site" = String, Path, description = "The peer whose session to drop.")),
+    responses(
+        (status = 200, description = "The session's details without the peer (unchanged if it was not extended there).", body = SessionDetails),
+        (status = 400, description = "BadUserInput: `site` is the local site (log out instead).", body = sitegate_model::ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token.", body = sitegate_model::ErrorEnvelope),
+        (status = 404, description = "SiteNotFound: `site` is not a configured peer.", body = sitegate_model::ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `DELETE /sessions/{site}`: drops the session held at that peer (and ends it there).
 pub async fn drop_extension(
     State(state): State<AppState>,

@@ -3,19 +3,51 @@
 
 use axum::extract::{RawQuery, State};
 use axum::http::{header::LOCATION, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use sitegate_model::fanout::{self, per_site_query, FanOutList, SiteError, ALL_SITES};
 use sitegate_model::query::{parse_site_only, TaskQuery};
-use sitegate_model::task::{parse_poll_ids, NewTask, PollResponse, Task, TaskList, TaskPatch};
+use sitegate_model::site::SiteName;
+use sitegate_model::task::{
+    parse_poll_ids, NewTask, PollResponse, Task, TaskList, TaskPatch, TaskState,
+};
+use sitegate_model::watch::{GetOneQuery, Wait, DEFAULT_WAIT};
+use sitegate_model::ErrorEnvelope;
+use uuid::Uuid;
 
 use super::forward::forward_read;
 use super::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Origin, RequestMeta, TaskIdPath};
+use crate::peer::Peer;
 use crate::sites::Route;
 
-/// `GET /tasks/{taskId}`. Another user's task is reported exactly like a missing one.
+#[utoipa::path(
+    get,
+    path = "/tasks/{task_id}",
+    operation_id = "getTask",
+    tag = "tasks",
+    params(
+        ("task_id" = Uuid, Path, description = "The task's ID, a UUID in its hyphenated form."),
+        ("site" = Option<String>, Query, description = "Where the task is: omitted, empty or the local name for this site, or a peer's name."),
+        ("wait" = inline(Option<crate::openapi::BlockingRead>), Query, style = Form, explode,
+            description = "A blocking read: `waitForChange=true&lastUpdated=T[&timeout=30s]` answers once the task changed after `T` (or is final), or at the timeout with the task as it is."),
+    ),
+    responses(
+        (status = 200, description = "The task.", body = Task),
+        (status = 400, description = "BadUserInput: a malformed task ID or query.", body = ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token; or RemoteAuthenticationFailure: `site` names a peer the session is not extended to, or the peer refused it.", body = ErrorEnvelope),
+        (status = 404, description = "TaskNotFound: no such task visible to this caller (another user's task is reported the same way); or SiteNotFound.", body = ErrorEnvelope),
+        (status = 502, description = "RemoteSiteUnavailable: the peer `site` names could not be reached, or its link is marked down.", body = ErrorEnvelope),
+        (status = 504, description = "RemoteSiteTimeout: the peer `site` names did not answer in time.", body = ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
+/// `GET /tasks/{taskId}`. Another user's task is reported exactly like a missing one. With
+/// `waitForChange=true` it is a blocking read (see `crate::watch`); a remote one is held by
+/// the peer, and identical concurrent ones share one peer request.
 pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -24,24 +56,216 @@ pub async fn get_one(
     TaskIdPath(id): TaskIdPath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let site = parse_site_only(query.as_deref())?;
-    match state.resolver.resolve(site.as_deref(), origin.as_ref())? {
+    let q = GetOneQuery::parse(query.as_deref())?;
+    match state.resolver.resolve(q.site.as_deref(), origin.as_ref())? {
         Route::Local => {
-            let task = state
-                .store
-                .get_task(id)
-                .await?
-                .filter(|t| caller.visibility().is_none_or(|owner| owner == t.user))
-                .ok_or(ApiError::TaskNotFound(id))?;
+            let (st, c) = (&state, &caller);
+            let read = move || read_visible(st, c, id);
+            let task = match q.wait {
+                None => read().await?,
+                Some(wait) => state.watch.wait_for_change(id, wait, read).await?,
+            };
             Ok(Json(task).into_response())
         }
         Route::Peer(peer) => {
-            let path = format!("/tasks/{id}");
+            let wait = q.to_query_string_without_site();
+            let path = if wait.is_empty() {
+                format!("/tasks/{id}")
+            } else {
+                format!("/tasks/{id}?{wait}")
+            };
             forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
         }
     }
 }
 
+/// The task if this caller may see it; `TaskNotFound` otherwise, whichever the reason.
+async fn read_visible(state: &AppState, caller: &Caller, id: Uuid) -> Result<Task, ApiError> {
+    state
+        .store
+        .get_task(id)
+        .await?
+        .filter(|t| caller.visibility().is_none_or(|owner| owner == t.user))
+        .ok_or(ApiError::TaskNotFound(id))
+}
+
+#[utoipa::path(
+    get,
+    path = "/tasks/{task_id}/events",
+    operation_id = "taskEvents",
+    tag = "tasks",
+    params(
+        ("task_id" = Uuid, Path, description = "The task's ID, a UUID in its hyphenated form."),
+        ("site" = Option<String>, Query, description = "Where the task is: omitted, empty or the local name for this site, or a peer's name."),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events: a `task` event with the whole task (JSON) now and each time it changes; the stream ends after the event of the final state.",
+            body = crate::openapi::TaskEvent, content_type = "text/event-stream"),
+        (status = 400, description = "BadUserInput: a malformed task ID or query.", body = ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token; or RemoteAuthenticationFailure: `site` names a peer the session is not extended to, or the peer refused it.", body = ErrorEnvelope),
+        (status = 404, description = "TaskNotFound or SiteNotFound.", body = ErrorEnvelope),
+        (status = 502, description = "RemoteSiteUnavailable: the peer `site` names could not be reached, or its link is marked down.", body = ErrorEnvelope),
+        (status = 504, description = "RemoteSiteTimeout: the peer `site` names did not answer in time.", body = ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
+/// `GET /tasks/{taskId}/events`: Server-Sent Events, one `task` event with the whole task each
+/// time it changes, from now until it is final; then the stream ends. Local or remote alike:
+/// each event is a blocking read (`waitForChange`) through `get_one`'s path, so a remote
+/// stream costs the peer one held request at a time.
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Origin(origin): Origin,
+    meta: RequestMeta,
+    TaskIdPath(id): TaskIdPath,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let site = parse_site_only(query.as_deref())?;
+    let route = state.resolver.resolve(site.as_deref(), origin.as_ref())?;
+    // The first read happens before the stream starts, so a missing task or a refused
+    // remote session is a plain error answer, not an event.
+    let meta = RequestMeta {
+        // Each read of the stream gets the usual budget (plus its wait), not what is left of
+        // the request that opened it.
+        deadline: None,
+        ..meta
+    };
+    let first = match read_for_events(&state, &caller, &route, id, None, &meta).await? {
+        Ok(task) => task,
+        Err(peer_answer) => return Ok(peer_answer),
+    };
+    let stream = futures_util::stream::unfold(
+        (EventStep::Send(first), state, caller, route, meta),
+        move |(mut step, state, caller, route, meta)| async move {
+            loop {
+                step = match step {
+                    EventStep::Done => return None,
+                    // Sent before the next wait starts, so each state goes out as soon as it
+                    // is known, not when the one after it is.
+                    EventStep::Send(task) => {
+                        let event = Event::default().event("task").json_data(&task);
+                        let next = if task.state == TaskState::Running {
+                            EventStep::After(task)
+                        } else {
+                            EventStep::Done
+                        };
+                        return Some((event, (next, state, caller, route, meta)));
+                    }
+                    EventStep::After(seen) => {
+                        let wait = Wait {
+                            last_updated: seen.last_updated,
+                            timeout: DEFAULT_WAIT,
+                        };
+                        match read_for_events(&state, &caller, &route, id, Some(wait), &meta).await
+                        {
+                            // The wait ended with no change: no event, wait again.
+                            Ok(Ok(t))
+                                if t.last_updated == seen.last_updated && t.state == seen.state =>
+                            {
+                                EventStep::After(t)
+                            }
+                            Ok(Ok(t)) => EventStep::Send(t),
+                            Ok(Err(answer)) => {
+                                // The stream cannot change its status any more: say why it ends.
+                                tracing::info!(status = %answer.status(), task = %id, "task event stream ended by the peer's answer");
+                                EventStep::Done
+                            }
+                            Err(e) => {
+                                tracing::info!(error = %e, task = %id, "task event stream ended");
+                                EventStep::Done
+                            }
+                        }
+                    }
+                };
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Where an event stream is: a task to send, a task sent and being waited on, or the end.
+enum EventStep {
+    Send(Task),
+    After(Task),
+    Done,
+}
+
+/// One read for the event stream: the task as it is (`wait` none) or once it changed. A
+/// peer's refusal comes back as its answer, to be passed on unchanged.
+async fn read_for_events(
+    state: &AppState,
+    caller: &Caller,
+    route: &Route,
+    id: Uuid,
+    wait: Option<Wait>,
+    meta: &RequestMeta,
+) -> Result<Result<Task, Response>, ApiError> {
+    match route {
+        Route::Local => {
+            let read = move || read_visible(state, caller, id);
+            match wait {
+                None => read().await.map(Ok),
+                Some(wait) => state.watch.wait_for_change(id, wait, read).await.map(Ok),
+            }
+        }
+        Route::Peer(peer) => {
+            let q = GetOneQuery { site: None, wait };
+            let qs = q.to_query_string_without_site();
+            let path = if qs.is_empty() {
+                format!("/tasks/{id}")
+            } else {
+                format!("/tasks/{id}?{qs}")
+            };
+            let response = forward_read(state, caller, peer, Method::GET, path, None, meta).await?;
+            if !response.status().is_success() {
+                return Ok(Err(response));
+            }
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .map_err(|e| ApiError::Internal(format!("reading a peer's answer: {e}")))?;
+            serde_json::from_slice(&body)
+                .map(Ok)
+                .map_err(|e| ApiError::Internal(format!("a peer's task did not parse: {e}")))
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    operation_id = "listTasks",
+    tag = "tasks",
+    params(
+        ("site" = Option<String>, Query, description = "Where to list: omitted, empty or the local name for this site, a peer's name, or `*` for every site the session is extended to (answered as a `FanOutList`; there `offset + limit` may be at most 1000)."),
+        ("ids" = Option<Vec<Uuid>>, Query, style = Form, explode = false, max_items = 1000, description = "Only these tasks (comma-separated)."),
+        ("user" = Option<String>, Query, pattern = "^[A-Za-z0-9._@-]{1,64}$", description = "Only this user's tasks; administrators only (403 otherwise)."),
+        ("state" = Option<Vec<TaskState>>, Query, style = Form, explode = false, min_items = 1, description = "Only tasks in these states (comma-separated)."),
+        ("type" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks of this `workflowInfo.type`."),
+        ("resourceType" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks with this `workflowInfo.resourceType`."),
+        ("resourceId" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks with this `workflowInfo.resourceId`."),
+        ("resourceName" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks with this `workflowInfo.resourceName`."),
+        ("startTimeBefore" = Option<i64>, Query, minimum = 0, description = "Only tasks started before this time (epoch ms)."),
+        ("startTimeAfter" = Option<i64>, Query, minimum = 0, description = "Only tasks started after this time (epoch ms)."),
+        ("endTimeBefore" = Option<i64>, Query, minimum = 0, description = "Only tasks ended before this time (epoch ms)."),
+        ("endTimeAfter" = Option<i64>, Query, minimum = 0, description = "Only tasks ended after this time (epoch ms)."),
+        ("sort" = inline(Option<crate::openapi::SortKeys>), Query, style = Form, explode = false, description = "Sort keys in order (comma-separated); `-` before or after a field means descending. Default `-startTime`; ties are broken by `id`."),
+        ("limit" = Option<u64>, Query, format = "uint64", minimum = 0, maximum = 18446744073709551615usize, description = "The page size; default 100, larger values are clamped to 1000."),
+        ("offset" = Option<i64>, Query, minimum = 0, maximum = 9223372036854775807usize, description = "Rows to skip; default 0."),
+    ),
+    responses(
+        (status = 200, description = "A page of the tasks visible to the caller and their total; with `site=*`, the merged page and the sites that could not answer.", body = crate::openapi::TaskListAnswer),
+        (status = 400, description = "BadUserInput: an unknown or repeated parameter, or a malformed value.", body = ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token; or RemoteAuthenticationFailure: `site` names a peer the session is not extended to, or the peer refused it.", body = ErrorEnvelope),
+        (status = 403, description = "Forbidden: filtering by `user` without the admin role.", body = ErrorEnvelope),
+        (status = 404, description = "SiteNotFound.", body = ErrorEnvelope),
+        (status = 502, description = "RemoteSiteUnavailable: the peer `site` names could not be reached, or its link is marked down.", body = ErrorEnvelope),
+        (status = 504, description = "RemoteSiteTimeout: the peer `site` names did not answer in time.", body = ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `GET /tasks`: filters, sort and paging run in the store.
 pub async fn query(
     State(state): State<AppState>,
@@ -55,6 +279,9 @@ pub async fn query(
         return Err(ApiError::Forbidden(
             "Only administrators may filter tasks by user.",
         ));
+    }
+    if q.site.as_deref() == Some(ALL_SITES) {
+        return all_sites(&state, &caller, origin.as_ref(), &q, &meta).await;
     }
     match state.resolver.resolve(q.site.as_deref(), origin.as_ref())? {
         Route::Local => {
@@ -72,6 +299,111 @@ pub async fn query(
     }
 }
 
+/// `GET /tasks?site=*`: every site asked at once for the rows the merged page can need; a
+/// site that fails is named in `siteErrors` and the others still answer.
+async fn all_sites(
+    state: &AppState,
+    caller: &Caller,
+    origin: Option<&SiteName>,
+    q: &TaskQuery,
+    meta: &RequestMeta,
+) -> Result<Response, ApiError> {
+    let each = per_site_query(q)?;
+    let routes = state
+        .resolver
+        .fan_out(origin, |site| caller.remote_session(site).is_some())?;
+    let path = format!("/tasks?{}", each.to_query_string_without_site());
+    let asks = routes.iter().map(|route| {
+        let (each, path) = (&each, path.clone());
+        async move {
+            match route {
+                Route::Local => (
+                    state.resolver.local_name().to_string(),
+                    state
+                        .store
+                        .query_tasks(each, caller.visibility())
+                        .await
+                        .map(|page| TaskList {
+                            items: page.items,
+                            total: page.total,
+                        })
+                        .map_err(|e| ApiError::from(e).envelope()),
+                ),
+                Route::Peer(peer) => (
+                    peer.name().to_string(),
+                    site_list(state, caller, peer, path, meta).await,
+                ),
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let mut pages = Vec::with_capacity(answers.len());
+    let mut total = 0;
+    let mut site_errors = Vec::new();
+    for (site, answer) in answers {
+        match answer {
+            Ok(list) => {
+                total += list.total;
+                pages.push(list.items);
+            }
+            Err(error) => {
+                tracing::warn!(site = %site, code = %error.code, "site=*: a site did not answer");
+                site_errors.push(SiteError { site, error });
+            }
+        }
+    }
+    Ok(Json(FanOutList {
+        items: fanout::merge(q, pages),
+        total,
+        site_errors,
+    })
+    .into_response())
+}
+
+/// One peer's page for `site=*`, or the envelope of why not (the peer's own, passed on).
+async fn site_list(
+    state: &AppState,
+    caller: &Caller,
+    peer: &Peer,
+    path: String,
+    meta: &RequestMeta,
+) -> Result<TaskList, ErrorEnvelope> {
+    let response = forward_read(state, caller, peer, Method::GET, path, None, meta)
+        .await
+        .map_err(|e| e.envelope())?;
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading a peer's answer: {e}")).envelope())?;
+    if status.is_success() {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::Internal(format!("a peer's task list did not parse: {e}")).envelope()
+        })
+    } else {
+        Err(serde_json::from_slice(&body).unwrap_or_else(|_| {
+            ApiError::Internal(format!("a peer answered {status} without an envelope")).envelope()
+        }))
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/tasks/poll",
+    operation_id = "pollTasks",
+    tag = "tasks",
+    params(("site" = Option<String>, Query, description = "Where the task is: omitted, empty or the local name for this site, or a peer's name.")),
+    request_body(content = crate::openapi::PollRequest, description = "The task IDs to read (at most 1000)."),
+    responses(
+        (status = 200, description = "One row per visible task, in the order asked; missing and invisible IDs are left out.", body = PollResponse),
+        (status = 400, description = "BadUserInput: a malformed body, task ID or query.", body = ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token; or RemoteAuthenticationFailure: `site` names a peer the session is not extended to, or the peer refused it.", body = ErrorEnvelope),
+        (status = 404, description = "SiteNotFound.", body = ErrorEnvelope),
+        (status = 413, description = "BadUserInput: the body is larger than the site allows.", body = ErrorEnvelope),
+        (status = 502, description = "RemoteSiteUnavailable: the peer `site` names could not be reached, or its link is marked down.", body = ErrorEnvelope),
+        (status = 504, description = "RemoteSiteTimeout: the peer `site` names did not answer in time.", body = ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `POST /tasks/poll`: one row per visible task, in the order asked.
 pub async fn poll(
     State(state): State<AppState>,
@@ -130,6 +462,24 @@ fn require_local(state: &AppState, query: Option<&str>) -> Result<(), ApiError> 
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/tasks",
+    operation_id = "createTask",
+    tag = "tasks",
+    params(("site" = Option<String>, Query, description = "Must be omitted, empty or the local site: tasks are written only where they run (a peer's name is BadUserInput).")),
+    request_body(content = NewTask, description = "The new task; with `id`, repeating the same creation is idempotent."),
+    responses(
+        (status = 201, description = "The new RUNNING task (or the existing one, for a repeated identical creation).", body = Task,
+            headers(("Location" = String, description = "`/tasks/{id}` of the task."))),
+        (status = 400, description = "BadUserInput: a malformed body, a task with this `id` that was created differently, or `site` names a peer.", body = ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token.", body = ErrorEnvelope),
+        (status = 403, description = "Forbidden: the caller has neither the writer nor the admin role.", body = ErrorEnvelope),
+        (status = 404, description = "SiteNotFound.", body = ErrorEnvelope),
+        (status = 413, description = "BadUserInput: the body is larger than the site allows.", body = ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `POST /tasks`: 201 with `Location`; repeating a create with the same ID and body is
 /// idempotent.
 pub async fn create(
@@ -153,6 +503,27 @@ pub async fn create(
     Ok(response)
 }
 
+#[utoipa::path(
+    patch,
+    path = "/tasks/{task_id}",
+    operation_id = "patchTask",
+    tag = "tasks",
+    params(
+        ("task_id" = Uuid, Path, description = "The task's ID, a UUID in its hyphenated form."),
+        ("site" = Option<String>, Query, description = "Must be omitted, empty or the local site: tasks are written only where they run (a peer's name is BadUserInput)."),
+    ),
+    request_body(content = crate::openapi::TaskPatchRequest, description = "Progress and warnings (appended), or the final state with its result or error. `lastUpdated` and `endTime` are the server's."),
+    responses(
+        (status = 200, description = "The task after the change.", body = Task),
+        (status = 400, description = "BadUserInput: a malformed body or task ID, too many warnings for the task, or `site` names a peer.", body = ErrorEnvelope),
+        (status = 401, description = "NotAuthenticated: no, unknown or expired session token.", body = ErrorEnvelope),
+        (status = 403, description = "Forbidden: the caller has neither the writer nor the admin role.", body = ErrorEnvelope),
+        (status = 404, description = "TaskNotFound or SiteNotFound.", body = ErrorEnvelope),
+        (status = 409, description = "TaskAlreadyCompleted: the task is in a final state and never changes again.", body = ErrorEnvelope),
+        (status = 413, description = "BadUserInput: the body is larger than the site allows.", body = ErrorEnvelope),
+    ),
+    security(("session" = []))
+)]
 /// `PATCH /tasks/{taskId}`: progress, warnings, or the final state; never after the final state.
 pub async fn patch(
     State(state): State<AppState>,
@@ -164,5 +535,7 @@ pub async fn patch(
     require_writer(&caller)?;
     require_local(&state, query.as_deref())?;
     let patch = patch.validate()?;
-    Ok(Json(state.store.update_task(id, patch).await?))
+    let task = state.store.update_task(id, patch).await?;
+    state.watch.changed(id);
+    Ok(Json(task))
 }
