@@ -6,7 +6,9 @@
 //! document with it. What a derive cannot say is built here, next to the reason:
 //! rules that tie several fields or query parameters together (a patch's final state, a
 //! blocking read, sort keys named once), and what every operation shares because the layers
-//! in `app::client_api` answer it (the `operationID` header, 400/408/431/500).
+//! in `app::client_api` answer it (the `operationID` header, 400/408/414/431/500). The few
+//! JSON Schema keywords utoipa does not model (`not`, `contains`, a header's `required`) are
+//! added as raw keywords through its extensions map.
 //!
 //! The internal `/peer/sessions` route (peer link only) is deliberately absent.
 
@@ -37,12 +39,9 @@ use crate::error::ApiError;
 use crate::handlers::{ops, sessions, sites, tasks, AppState};
 use crate::layers::OPERATION_ID_HEADER;
 
-/// The name of the session-token security scheme that operations needing a session name.
+/// The security scheme of the `X-VCAV-Auth` session token; operations that need a session
+/// name it (`security(("session" = []))`).
 pub const SESSION_SCHEME: &str = "session";
-
-/// No control characters (`char::is_control`, Unicode category Cc): the rule of every short
-/// text field a task is written or filtered with (`sitegate_model::task::validate_text`).
-pub const NO_CONTROL_CHARACTERS: &str = "^[^\\x00-\\x1f\\x7f-\\x9f]*$";
 
 /// The client API.
 #[derive(OpenApi)]
@@ -102,8 +101,8 @@ static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::open
     )
 )]
 pub async fn openapi_json(State(state): State<AppState>) -> Result<Response, ApiError> {
-    // Built per request (about a millisecond): it is not a hot path, and one process may
-    // serve several sites (`sitegate demo`).
+    // Built per request (a few milliseconds unoptimised): it is not a hot path, and one
+    // process may serve several sites (`sitegate demo`).
     let mut doc = DOCUMENT.clone();
     LocalSite(state.resolver.local_name().as_str()).modify(&mut doc);
     let body = serde_json::to_vec(&doc)
@@ -232,7 +231,7 @@ impl Modify for ClosedTaggedBodies {
 struct SharedByEveryOperation;
 
 impl SharedByEveryOperation {
-    const SHARED: [(&'static str, &'static str); 4] = [
+    const SHARED: [(&'static str, &'static str); 5] = [
         (
             "400",
             "BadUserInput: the request is malformed (for instance its `operationID` header).",
@@ -241,6 +240,10 @@ impl SharedByEveryOperation {
             "408",
             "BadUserInput: the request's head or body did not arrive in time; the connection \
              is closed.",
+        ),
+        (
+            "414",
+            "BadUserInput: the request's URI is longer than the site reads (64 KiB).",
         ),
         (
             "431",
@@ -480,6 +483,31 @@ impl PartialSchema for PollRequest {
 
 impl ToSchema for PollRequest {}
 
+/// The `ids` filter of `GET /tasks`: task IDs, at most
+/// [`sitegate_model::query::MAX_IDS_FILTER`]. Empty entries (`ids=a,,b`, or `ids=`) are
+/// skipped, as `sitegate_model::query` reads them.
+pub struct TaskIds;
+
+impl PartialSchema for TaskIds {
+    fn schema() -> RefOr<Schema> {
+        let uuid = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)));
+        let empty = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .max_length(Some(0));
+        ArrayBuilder::new()
+            .items(RefOr::T(Schema::OneOf(
+                OneOfBuilder::new().item(uuid).item(empty).build(),
+            )))
+            .max_items(Some(sitegate_model::query::MAX_IDS_FILTER))
+            .build()
+            .into()
+    }
+}
+
+impl ToSchema for TaskIds {}
+
 /// The blocking-read parameters of `GET /tasks/{taskId}`, as one exploded query object because
 /// they go together (`sitegate_model::watch::GetOneQuery`): `waitForChange=true` needs
 /// `lastUpdated` and may take `timeout`; without it neither may be sent.
@@ -556,15 +584,18 @@ const SORT_FIELDS: [&str; 11] = [
 
 impl PartialSchema for SortKeys {
     fn schema() -> RefOr<Schema> {
-        let spellings = |field: &str| [field.to_owned(), format!("-{field}"), format!("{field}-")];
-        let all: Vec<String> = SORT_FIELDS.iter().flat_map(|f| spellings(f)).collect();
-        // "Each field at most once" is `contains` + `maxContains` per field (JSON Schema
-        // 2020-12), which utoipa's array schema does not model: added as raw keywords.
+        // The documented spellings are `field` and `-field`; the server also reads `field-`.
+        let all: Vec<String> = SORT_FIELDS
+            .iter()
+            .flat_map(|f| [(*f).to_owned(), format!("-{f}")])
+            .collect();
+        // "Each field at most once": no spelling twice (`uniqueItems`), and for each field not
+        // both directions (`not` + `contains`, which utoipa's array schema does not model).
+        // Said as a `not` so that a schema-driven fuzzer negating it gets a repeated field,
+        // which the server refuses.
         let once_each: Vec<Value> = SORT_FIELDS
             .iter()
-            .map(
-                |f| json!({"contains": {"enum": spellings(f)}, "minContains": 0, "maxContains": 1}),
-            )
+            .map(|f| json!({"not": {"allOf": [{"contains": {"const": f}}, {"contains": {"const": format!("-{f}")}}]}}))
             .collect();
         ArrayBuilder::new()
             .items(
@@ -573,6 +604,7 @@ impl PartialSchema for SortKeys {
                     .enum_values(Some(all)),
             )
             .min_items(Some(1))
+            .unique_items(true)
             .extensions(Some(Extensions::from_iter([(
                 "allOf",
                 Value::Array(once_each),
@@ -697,7 +729,7 @@ mod tests {
         for (path, item) in doc["paths"].as_object().expect("paths") {
             for (method, op) in item.as_object().expect("path item") {
                 let responses = op["responses"].as_object().expect("responses");
-                for status in ["400", "408", "431", "500"] {
+                for status in ["400", "408", "414", "431", "500"] {
                     assert!(responses.contains_key(status), "{method} {path}: {status}");
                 }
                 for (status, response) in responses {
@@ -715,6 +747,32 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_local_site_is_named_where_it_makes_a_request_invalid() {
+        let mut doc = ApiDoc::openapi();
+        LocalSite("site1").modify(&mut doc);
+        let doc = serde_json::to_value(doc).expect("the document serializes");
+        let site_param = |method: &str, path: &str| {
+            doc["paths"][path][method]["parameters"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == "site"))
+                .map(|p| p["schema"].clone())
+                .unwrap_or_else(|| panic!("{method} {path} takes site"))
+        };
+        for (method, path) in [("post", "/tasks"), ("patch", "/tasks/{task_id}")] {
+            assert_eq!(site_param(method, path)["enum"], json!(["", "site1"]));
+        }
+        let not_local = json!({"const": "site1"});
+        assert_eq!(site_param("delete", "/sessions/{site}")["not"], not_local);
+        assert_eq!(site_param("get", "/tasks")["not"], Value::Null);
+        for variant in doc["components"]["schemas"]["ExtendRequest"]["oneOf"]
+            .as_array()
+            .expect("variants")
+        {
+            assert_eq!(variant["properties"]["site"]["not"], not_local);
         }
     }
 

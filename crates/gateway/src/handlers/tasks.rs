@@ -240,7 +240,7 @@ async fn read_for_events(
     tag = "tasks",
     params(
         ("site" = Option<String>, Query, description = "Where to list: omitted, empty or the local name for this site, a peer's name, or `*` for every site the session is extended to (answered as a `FanOutList`; there `offset + limit` may be at most 1000)."),
-        ("ids" = Option<Vec<Uuid>>, Query, style = Form, explode = false, max_items = 1000, description = "Only these tasks (comma-separated)."),
+        ("ids" = inline(Option<crate::openapi::TaskIds>), Query, style = Form, explode = false, description = "Only these tasks (comma-separated, at most 1000)."),
         ("user" = Option<String>, Query, pattern = "^[A-Za-z0-9._@-]{1,64}$", description = "Only this user's tasks; administrators only (403 otherwise)."),
         ("state" = Option<Vec<TaskState>>, Query, style = Form, explode = false, min_items = 1, description = "Only tasks in these states (comma-separated)."),
         ("type" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks of this `workflowInfo.type`."),
