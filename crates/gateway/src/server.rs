@@ -10,11 +10,16 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use sitegate_model::config::LimitsConfig;
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::layers::{ClientAddr, PeerOrigin};
@@ -105,6 +110,50 @@ fn service(
     ))
 }
 
+/// The server half of a TLS handshake, run in the connection's own task and within the head
+/// timeout, so a slow or hostile client cannot hold up others. A refusal is logged, not an
+/// error: that client simply gets no connection.
+async fn tls_handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+    client: SocketAddr,
+    listener: &'static str,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, %client, "{listener}: TLS handshake refused");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%client, "{listener}: TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// One client API connection, plain or after its TLS handshake. Anyone can connect here, so
+/// the connection is watched for the time limits hyper does not apply (see
+/// `limits::serve_client_connection`), counted on the decrypted bytes.
+async fn serve_client<I>(
+    stream: I,
+    app: Router,
+    client: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    head_timeout: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (io, watched) = ClientIo::new(stream);
+    let service = service(app, client, None, Some(watched.connection()));
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    serve_client_connection(watcher.watch(connection), watched, head_timeout, client).await;
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits (at
 /// most the grace period) for open connections to finish their requests.
 pub async fn serve(
@@ -154,73 +203,25 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let app = app.clone();
         let transport = transport.clone();
-        let handshake_timeout = limits.header_read_timeout;
         let head_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             match transport {
                 Transport::Plain => {
-                    // Anyone can connect here, so the connection is watched for the time
-                    // limits hyper does not apply (see `limits::serve_client_connection`).
-                    let (io, watched) = ClientIo::new(stream);
-                    let service = service(app, client, None, Some(watched.connection()));
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(io), service)
-                        .into_owned();
-                    serve_client_connection(
-                        watcher.watch(connection),
-                        watched,
-                        head_timeout,
-                        client,
-                    )
-                    .await;
+                    serve_client(stream, app, client, &builder, watcher, head_timeout).await;
                 }
                 Transport::ClientTls(tls) => {
-                    // As on the peer link, the handshake runs in the connection's own task and
-                    // within the head timeout. Then the same limits as on the plain listener,
-                    // counted on the decrypted bytes.
-                    let accepted =
-                        tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream))
-                            .await;
-                    let stream = match accepted {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::info!(error = %e, %client, "client API: TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%client, "client API: TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let (io, watched) = ClientIo::new(stream);
-                    let service = service(app, client, None, Some(watched.connection()));
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(io), service)
-                        .into_owned();
-                    serve_client_connection(
-                        watcher.watch(connection),
-                        watched,
-                        head_timeout,
-                        client,
-                    )
-                    .await;
+                    let tls = tls.acceptor();
+                    let handshake = tls_handshake(tls, stream, head_timeout, client, "client API");
+                    if let Some(stream) = handshake.await {
+                        serve_client(stream, app, client, &builder, watcher, head_timeout).await;
+                    }
                 }
                 Transport::PeerLink(tls) => {
-                    // The handshake runs here, not in the accept loop, so a slow or hostile
-                    // client cannot hold up others.
-                    let accepted =
-                        tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream))
-                            .await;
-                    let stream = match accepted {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::info!(error = %e, %client, "peer link: TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%client, "peer link: TLS handshake timed out");
-                            return;
-                        }
+                    let acceptor = tls.acceptor();
+                    let handshake =
+                        tls_handshake(acceptor, stream, head_timeout, client, "peer link");
+                    let Some(stream) = handshake.await else {
+                        return;
                     };
                     let origin = stream
                         .get_ref()

@@ -58,35 +58,44 @@ pub async fn get_one(
 ) -> Result<Response, ApiError> {
     let q = GetOneQuery::parse(query.as_deref())?;
     match state.resolver.resolve(q.site.as_deref(), origin.as_ref())? {
-        Route::Local => {
-            let (st, c) = (&state, &caller);
-            let read = move || read_visible(st, c, id);
-            let task = match q.wait {
-                None => read().await?,
-                Some(wait) => state.watch.wait_for_change(id, wait, read).await?,
-            };
-            Ok(Json(task).into_response())
-        }
+        Route::Local => Ok(Json(read_local(&state, &caller, id, q.wait).await?).into_response()),
         Route::Peer(peer) => {
-            let wait = q.to_query_string_without_site();
-            let path = if wait.is_empty() {
-                format!("/tasks/{id}")
-            } else {
-                format!("/tasks/{id}?{wait}")
-            };
+            let path = peer_task_path(id, q.wait);
             forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
         }
     }
 }
 
-/// The task if this caller may see it; `TaskNotFound` otherwise, whichever the reason.
-async fn read_visible(state: &AppState, caller: &Caller, id: Uuid) -> Result<Task, ApiError> {
-    state
-        .store
-        .get_task(id)
-        .await?
-        .filter(|t| caller.visibility().is_none_or(|owner| owner == t.user))
-        .ok_or(ApiError::TaskNotFound(id))
+/// The local task if this caller may see it (`TaskNotFound` otherwise, whichever the
+/// reason), at once or, with `wait`, once it changed.
+async fn read_local(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    wait: Option<Wait>,
+) -> Result<Task, ApiError> {
+    let read = move || async move {
+        state
+            .store
+            .get_task(id)
+            .await?
+            .filter(|t| caller.visibility().is_none_or(|owner| owner == t.user))
+            .ok_or(ApiError::TaskNotFound(id))
+    };
+    match wait {
+        None => read().await,
+        Some(wait) => state.watch.wait_for_change(id, wait, read).await,
+    }
+}
+
+/// The path of a task at a peer, with the same wait.
+fn peer_task_path(id: Uuid, wait: Option<Wait>) -> String {
+    let query = GetOneQuery { site: None, wait }.to_query_string_without_site();
+    if query.is_empty() {
+        format!("/tasks/{id}")
+    } else {
+        format!("/tasks/{id}?{query}")
+    }
 }
 
 #[utoipa::path(
@@ -204,21 +213,9 @@ async fn read_for_events(
     meta: &RequestMeta,
 ) -> Result<Result<Task, Response>, ApiError> {
     match route {
-        Route::Local => {
-            let read = move || read_visible(state, caller, id);
-            match wait {
-                None => read().await.map(Ok),
-                Some(wait) => state.watch.wait_for_change(id, wait, read).await.map(Ok),
-            }
-        }
+        Route::Local => read_local(state, caller, id, wait).await.map(Ok),
         Route::Peer(peer) => {
-            let q = GetOneQuery { site: None, wait };
-            let qs = q.to_query_string_without_site();
-            let path = if qs.is_empty() {
-                format!("/tasks/{id}")
-            } else {
-                format!("/tasks/{id}?{qs}")
-            };
+            let path = peer_task_path(id, wait);
             let response = forward_read(state, caller, peer, Method::GET, path, None, meta).await?;
             if !response.status().is_success() {
                 return Ok(Err(response));
