@@ -725,16 +725,14 @@ async fn hung_peer_answers_within_the_deadline_others_unaffected_and_recovers() 
         hung.accepted() > 0,
         "nothing connected to the hung listener: the fault was never met"
     );
-    // The first read met the hung listener itself (the circuit was still closed): it waited
-    // for the handshake, and gave up in time.
-    let first = outcomes
-        .iter()
-        .min_by_key(|o| o.sent_at)
-        .expect("a first read");
+    // A read met the hung listener itself: it waited for the handshake and gave up in time.
+    // Not necessarily the first: that one may fail at once on the pooled connection the
+    // kill broke (seen in CI: 502 in 6 ms).
+    let slowest = outcomes.iter().max_by_key(|o| o.took).expect("a read");
     assert!(
-        first.took >= CONNECT_TIMEOUT.min(PEER_TIMEOUT) - Duration::from_millis(500),
-        "the first read of the hung site2 answered in {:?}, too fast to have met it: {first:?}",
-        first.took
+        slowest.took >= CONNECT_TIMEOUT.min(PEER_TIMEOUT) - Duration::from_millis(500),
+        "no read of the hung site2 waited for it (slowest {:?}): {slowest:?}",
+        slowest.took
     );
     trio.assert_link_reported_failing(&["RemoteSiteUnavailable", "RemoteSiteTimeout"])
         .await;
