@@ -747,8 +747,8 @@ async fn hung_peer_answers_within_the_deadline_others_unaffected_and_recovers() 
         "hung peer",
         &[
             format!(
-                "first read of the hung site2: {} after {:?}",
-                first.status, first.took
+                "slowest read of the hung site2: {} after {:?}",
+                slowest.status, slowest.took
             ),
             format!("reads of site2: {summary}"),
             format!("connections the hung listener accepted: {accepted}"),
