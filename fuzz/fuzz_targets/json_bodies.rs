@@ -76,15 +76,15 @@ fuzz_target!(|data: &[u8]| {
         let _ = extend.site();
         if let ExtendRequest::Credentials {
             site,
-            username,
-            password,
+            vcd_username,
+            vcd_password,
         } = &extend
         {
-            let distinctive = password.len() >= 12
-                && !site.contains(password.as_str())
-                && !username.contains(password.as_str());
+            let distinctive = vcd_password.len() >= 12
+                && !site.contains(vcd_password.as_str())
+                && !vcd_username.contains(vcd_password.as_str());
             if distinctive {
-                assert!(!format!("{extend:?}").contains(password.as_str()));
+                assert!(!format!("{extend:?}").contains(vcd_password.as_str()));
             }
         }
     }

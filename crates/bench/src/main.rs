@@ -94,9 +94,11 @@ fn bench(options: &Options) -> Result<(), String> {
     Ok(())
 }
 
-/// This invocation as a shell command, with the program named as typed.
+/// This invocation as a shell command, with the program named as typed and absolute paths
+/// below the working directory made relative.
 fn command_line() -> String {
     std::env::args()
+        .map(|a| sitegate_bench::report::shown_path(std::path::Path::new(&a)))
         .map(|a| {
             if !a.is_empty()
                 && a.chars()

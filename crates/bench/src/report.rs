@@ -323,3 +323,35 @@ mod tests {
         assert_eq!(latency(Duration::from_millis(1_200)), "1.20 s");
     }
 }
+
+/// `path` as BENCHMARKS.md shows it: relative to the directory the bench runs in (the
+/// repository, as documented) when it lies below it, so a committed report names no machine's
+/// directories; other paths (system tools such as `/usr/sbin/nginx`) as they are.
+pub fn shown_path(path: &std::path::Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            path.strip_prefix(cwd)
+                .ok()
+                .map(std::path::Path::to_path_buf)
+        })
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+#[cfg(test)]
+mod shown_path_tests {
+    use super::shown_path;
+
+    #[test]
+    fn paths_below_the_working_directory_are_shown_relative() {
+        let cwd = std::env::current_dir().expect("a working directory");
+        let inside = cwd.join("target/release/sitegate");
+        assert_eq!(shown_path(&inside), "target/release/sitegate");
+        assert_eq!(
+            shown_path(std::path::Path::new("/usr/sbin/nginx")),
+            "/usr/sbin/nginx"
+        );
+    }
+}

@@ -112,7 +112,7 @@ async fn run_in(
     let fed = Federation::init(&sitegate, &work.join("fed"), base_port)?;
     let mut notes = vec![format!(
         "sitegate: `{}`{}",
-        sitegate.display(),
+        report::shown_path(&sitegate),
         source_revision().map_or(String::new(), |r| format!(", built from {r}"))
     )];
 

@@ -74,6 +74,8 @@ pub fn seeded_task(index: u64) -> (NewTask, Option<ValidPatch>) {
             resource_id: Some(format!("vm-{index}")),
             resource_name: Some(format!("web-{}", index % 5000)),
         },
+        source_org: None,
+        destination_org: None,
     };
     let finish = match (h >> 16) % 10 {
         0 => None,

@@ -65,6 +65,7 @@ fn fixture(runtime: &Runtime) -> Fixture {
                 created: now,
                 last_seen: now,
                 extensions: Vec::new(),
+                bound_peer: None,
             };
             inserts.spawn(async move { store.create_session(record).await });
         }
@@ -81,6 +82,7 @@ fn fixture(runtime: &Runtime) -> Fixture {
             name: "alice".to_owned(),
             roles: vec![Role::User],
             password_hash: hash_password("bench-password").expect("a password hashes"),
+            org: None,
         }],
     })
     .expect("the users file is valid");

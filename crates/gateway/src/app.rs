@@ -11,13 +11,12 @@ use axum::{middleware, Extension, Router};
 use sitegate_model::config::{SiteConfig, StoreBackend};
 use sitegate_store::{EmbeddedStore, PostgresStore, Store};
 use tokio::net::TcpListener;
-use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::ServiceBuilder;
 
 use crate::auth::{self, SessionManager, Users};
 use crate::error::{ApiError, GatewayError};
 use crate::extract::BodyLimit;
-use crate::handlers::{ops, sessions, sites, tasks, AppState, Readiness};
+use crate::handlers::{diagnostics, ops, sessions, sites, tasks, AppState, Readiness};
 use crate::layers::{self, RequestContext};
 use crate::limits::HeaderLimit;
 use crate::peer::{PeerClient, PeerSet};
@@ -48,6 +47,11 @@ fn routes() -> Router<AppState> {
         .route("/tasks/{task_id}/events", get(tasks::events))
         .route("/sites", get(sites::list))
         .route("/sites/{site}", get(sites::get))
+        .route("/diagnostics/about", get(diagnostics::about))
+        .route(
+            "/diagnostics/health",
+            get(diagnostics::health).post(diagnostics::health_task),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -60,10 +64,24 @@ fn routes() -> Router<AppState> {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 
-/// The client API: routes wrapped in the layers every request passes, outermost first.
-pub fn client_api(state: AppState, config: &SiteConfig) -> Router {
+/// The API: routes wrapped in the layers every request passes, outermost first. Each
+/// listener gets its own (`budget`: the client API's or the peer link's request slots).
+pub fn client_api(
+    state: AppState,
+    config: &SiteConfig,
+    budget: Arc<crate::budget::RequestBudget>,
+) -> Router {
     let limits = &config.limits;
+    let proxies = layers::TrustedProxies(Arc::new(
+        config.listen.trusted_proxy_nets().unwrap_or_default(),
+    ));
     let stack = ServiceBuilder::new()
+        // 0. The client's address behind a trusted load balancer (`listen.trusted_proxies`),
+        //    before anything logs or counts by address.
+        .layer(middleware::from_fn_with_state(
+            proxies,
+            layers::forwarded_client,
+        ))
         // 1. Media type: rewrites JSON answers to the vendor type when asked. Outermost, so
         //    every answer gets it, even one refused by the operation-ID layer.
         .layer(middleware::from_fn(layers::negotiate_media_type))
@@ -89,10 +107,13 @@ pub fn client_api(state: AppState, config: &SiteConfig) -> Router {
             Duration::from_secs(limits.request_timeout_secs),
             layers::deadline,
         ))
-        // 4. Concurrency limit, shared by all connections: excess requests wait here rather
-        //    than pile onto the store. Below the deadline, so waiting counts against it.
-        .layer(GlobalConcurrencyLimitLayer::new(
-            limits.max_concurrent_requests,
+        // 4. Request slots of this listener, shared by its connections: excess requests wait
+        //    here rather than pile onto the store, but only as long as their deadline allows
+        //    (then 503 ServerBusy). Held requests and the operations endpoints are outside it;
+        //    held requests are counted per user by their handlers (`budget::HeldBudget`).
+        .layer(middleware::from_fn_with_state(
+            budget,
+            crate::budget::limit_requests,
         ))
         // 5. Authentication: resolves the session token once, before routing; handlers opt
         //    in to requiring it with the `Caller` extractor.
@@ -191,6 +212,16 @@ impl Application {
             peer_client.clone(),
         ));
         let client_listener = bind(config.listen.client).await?;
+        let client_addr = client_listener
+            .local_addr()
+            .map_err(|source| GatewayError::Bind {
+                addr: config.listen.client,
+                source,
+            })?;
+        let build = Arc::new(diagnostics::BuildFacts::new(
+            store.instance_id().await?,
+            client_addr.to_string(),
+        ));
         let peer_link = match (peer_client, config.listen.peer) {
             (Some(client), Some(addr)) => Some((bind(addr).await?, client)),
             _ => None,
@@ -203,6 +234,12 @@ impl Application {
                 resolver,
                 readiness: Arc::new(Readiness::default()),
                 watch: Arc::default(),
+                build,
+                held: crate::budget::HeldBudget::new(
+                    config.limits.max_held_per_user,
+                    config.limits.max_held_total,
+                    Duration::from_secs(config.limits.max_stream_secs),
+                ),
             },
             client_listener,
             client_tls,
@@ -236,12 +273,43 @@ impl Application {
     /// Serves until `shutdown` resolves, then drains: `/readyz` turns 503, the listener
     /// closes, and in-flight requests get up to `limits.shutdown_grace_secs` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
-        let app = client_api(self.state.clone(), &self.config);
+        let app = client_api(
+            self.state.clone(),
+            &self.config,
+            crate::budget::RequestBudget::new(
+                self.config.limits.max_concurrent_requests,
+                "requests on the client API",
+            ),
+        );
+        let peer_app = client_api(
+            self.state.clone(),
+            &self.config,
+            crate::budget::RequestBudget::new(
+                self.config.limits.peer_max_concurrent_requests,
+                "requests on the peer link",
+            ),
+        );
         let limits = server::ServeLimits::from(&self.config.limits);
         let mut background = vec![
             tokio::spawn(purge_sessions_periodically(self.state.sessions.clone())),
             tokio::spawn(crate::telemetry::metrics_upkeep()),
         ];
+        // What a SIGHUP (or a changed file) reloads: always the users file, and each
+        // listener's certificates where there are some. Installed whatever the site's shape,
+        // so SIGHUP never stops a site.
+        let mut certificates: Vec<(&'static str, Arc<dyn ReloadableCertificates>)> = Vec::new();
+        if let Some((_, client)) = &self.peer_link {
+            certificates.push(("peer link", client.tls().clone()));
+        }
+        if let Some(tls) = &self.client_tls {
+            certificates.push(("client API", tls.clone()));
+        }
+        background.push(tokio::spawn(reload_on_change(
+            certificates,
+            self.state.sessions.clone(),
+            self.config.auth.users_file.clone(),
+            Duration::from_secs(self.config.peering.tls_reload_interval_secs),
+        )));
         let readiness = self.state.readiness.clone();
         // Both listeners stop on the same signal.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -251,15 +319,10 @@ impl Application {
         let peer_server = match self.peer_link {
             Some((listener, client)) => {
                 background.push(tokio::spawn(client.clone().probe_forever()));
-                background.push(tokio::spawn(reload_certificates(
-                    "peer link",
-                    client.tls().clone(),
-                    Duration::from_secs(self.config.peering.tls_reload_interval_secs),
-                )));
                 tracing::info!(peer_link = ?listener.local_addr().ok(), "peer link listening");
                 Some(tokio::spawn(server::serve(
                     listener,
-                    app.clone(),
+                    peer_app,
                     limits,
                     Transport::PeerLink(client.tls().clone()),
                     stopped(stop_rx.clone()),
@@ -267,13 +330,8 @@ impl Application {
             }
             None => None,
         };
-        if let Some(tls) = &self.client_tls {
+        if self.client_tls.is_some() {
             tracing::info!("client API serves HTTPS only (TLS 1.2 and 1.3)");
-            background.push(tokio::spawn(reload_certificates(
-                "client API",
-                tls.clone(),
-                Duration::from_secs(self.config.peering.tls_reload_interval_secs),
-            )));
         }
         let client_server = server::serve(
             self.client_listener,
@@ -312,16 +370,19 @@ impl Application {
     }
 }
 
-/// Reloads a listener's certificates (`what`: the peer link's or the client API's) on SIGHUP
-/// and whenever their files change, so they can be rotated without a restart. A failed reload
-/// keeps the certificates in use.
-async fn reload_certificates(
-    what: &'static str,
-    tls: Arc<dyn ReloadableCertificates>,
+/// Reloads what can change under a running site, on SIGHUP and whenever a file changes: the
+/// users file (sessions follow it from the next request) and each listener's certificates
+/// (`what` names the listener). A failed reload keeps what is in force and says so.
+async fn reload_on_change(
+    certificates: Vec<(&'static str, Arc<dyn ReloadableCertificates>)>,
+    sessions: Arc<SessionManager>,
+    users_file: std::path::PathBuf,
     every: Duration,
 ) {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut users_stamp = modified(&users_file);
     let mut tick = tokio::time::interval(every);
     loop {
         #[cfg(unix)]
@@ -334,16 +395,38 @@ async fn reload_certificates(
             tick.tick().await;
             false
         };
-        let result = if forced {
-            tls.reload().map(|()| true)
-        } else {
-            tls.reload_if_changed()
-        };
-        match result {
-            Ok(true) => tracing::info!(listener = what, "certificates reloaded"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(listener = what, error = %e, "certificates not reloaded; keeping the old ones")
+        if forced {
+            tracing::info!("SIGHUP: reloading the users file and certificates");
+        }
+        let stamp = modified(&users_file);
+        if forced || stamp != users_stamp {
+            users_stamp = stamp;
+            match Users::load(&users_file) {
+                Ok(users) => {
+                    tracing::info!(users = users.len(), path = %users_file.display(), "users file reloaded");
+                    sessions.replace_users(users);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "users file not reloaded; keeping the users in force")
+                }
+            }
+        }
+        for (what, tls) in &certificates {
+            let result = if forced {
+                tls.reload().map(|()| true)
+            } else {
+                tls.reload_if_changed()
+            };
+            match result {
+                Ok(true) => {
+                    tracing::info!(listener = what, "certificates reloaded");
+                    metrics::counter!("sitegate_certificate_reloads_total", "listener" => *what, "outcome" => "reloaded").increment(1);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(listener = what, error = %e, "certificates not reloaded; keeping the old ones");
+                    metrics::counter!("sitegate_certificate_reloads_total", "listener" => *what, "outcome" => "refused").increment(1);
+                }
             }
         }
     }

@@ -6,7 +6,7 @@
 //! pool, a few at a time, so logins cannot starve request handling of CPU or memory.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, GatewayError};
+use crate::throttle::AddressKey;
 use crate::throttle::LoginThrottle;
 
 /// The header that carries the session token, as the original API names it.
@@ -56,6 +57,13 @@ pub struct Users {
 impl Users {
     pub fn from_file(file: UsersFile) -> Result<Self, String> {
         file.validate().map_err(|e| e.to_string())?;
+        if file.users.is_empty() {
+            return Err(
+                "it names no users, so nobody could log in; add [[user]] tables \
+                 (`sitegate init` writes a users file)"
+                    .into(),
+            );
+        }
         for u in &file.users {
             let parsed = PasswordHash::new(&u.password_hash)
                 .map_err(|e| format!("user '{}': bad password_hash: {e}", u.name))?;
@@ -86,8 +94,38 @@ impl Users {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        warn_if_readable_by_others(path, "users file (password hashes)", 0o007);
         let file: UsersFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         Users::from_file(file).map_err(err)
+    }
+
+    /// How many users the file names.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// Logs a warning when a file holding secrets has permission bits in `too_open` set (0o007:
+/// anyone may read it; 0o077: its group too). It is not refused: mounted secrets are often
+/// 0644, and the operator may know why; but it is said at every start and reload.
+pub fn warn_if_readable_by_others(path: &Path, what: &str, too_open: u32) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & too_open != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{mode:04o}"),
+                    "the {what} can be read by other users of this machine; chmod 600 it"
+                );
+            }
+        }
     }
 }
 
@@ -140,7 +178,9 @@ enum AuthOutcome {
 /// Logs users in and out and checks tokens.
 pub struct SessionManager {
     store: Arc<dyn Store>,
-    users: Users,
+    /// The users file as last loaded; reloaded when it changes or on SIGHUP, and consulted on
+    /// every request, so a removed user or role stops working at once.
+    users: arc_swap::ArcSwap<Users>,
     idle_timeout_ms: i64,
     max_age_ms: i64,
     /// Bounds concurrent argon2 checks (each takes ~19 MiB and a core for tens of ms).
@@ -154,7 +194,7 @@ impl SessionManager {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         SessionManager {
             store,
-            users,
+            users: arc_swap::ArcSwap::from_pointee(users),
             idle_timeout_ms: idle.as_millis() as i64,
             max_age_ms: max_age.as_millis() as i64,
             password_checks: Semaphore::new(cores),
@@ -176,15 +216,16 @@ impl SessionManager {
         &self,
         user: &str,
         password: &str,
-        address: Option<IpAddr>,
+        address: Option<AddressKey>,
     ) -> Result<(String, Caller), ApiError> {
         self.throttle
-            .check(user, address, Instant::now())
+            .check(user, address.as_ref(), Instant::now())
             .map_err(|locked| ApiError::TooManyAttempts {
                 retry_after: locked.retry_after,
             })?;
-        let entry = self.users.by_name.get(user);
-        let hash = entry.map_or(self.users.decoy_hash.clone(), |u| u.password_hash.clone());
+        let users = self.users.load_full();
+        let entry = users.by_name.get(user);
+        let hash = entry.map_or(users.decoy_hash.clone(), |u| u.password_hash.clone());
         let password = password.to_owned();
         let ok = {
             let _slot = self
@@ -207,9 +248,12 @@ impl SessionManager {
         match (ok, entry) {
             (true, Some(entry)) => {
                 self.throttle.record_success(user);
-                self.issue(entry).await
+                self.issue(entry, entry.roles.clone(), None).await
             }
-            _ => match self.throttle.record_failure(user, address, Instant::now()) {
+            _ => match self
+                .throttle
+                .record_failure(user, address.as_ref(), Instant::now())
+            {
                 // The failure that reaches the limit already says when to come back.
                 Some(locked) => Err(ApiError::TooManyAttempts {
                     retry_after: locked.retry_after,
@@ -219,16 +263,63 @@ impl SessionManager {
         }
     }
 
-    /// A session for a user of this site without a password, for a peer this site trusts to
-    /// vouch for its users (`multisite`). Unknown users get none.
-    pub async fn issue_for_trusted_peer(&self, user: &str) -> Result<(String, Caller), ApiError> {
-        match self.users.by_name.get(user) {
-            Some(entry) => self.issue(entry).await,
-            None => Err(ApiError::NotAuthenticated("No such user at this site.")),
-        }
+    /// The organisation `user` acts in here (session details' `org`).
+    pub fn org_of(&self, user: &str) -> String {
+        self.users
+            .load()
+            .by_name
+            .get(user)
+            .and_then(|u| u.org.clone())
+            .unwrap_or_else(|| sitegate_model::session::DEFAULT_ORG.to_owned())
     }
 
-    async fn issue(&self, entry: &UserEntry) -> Result<(String, Caller), ApiError> {
+    /// Puts a newly loaded users file in force; sessions follow it from the next request.
+    pub fn replace_users(&self, users: Users) {
+        self.users.store(Arc::new(users));
+    }
+
+    /// A session for a user of this site without a password, for a peer this site trusts to
+    /// vouch for its users (`multisite`), usable only by that peer over the peer link. A
+    /// peer vouches for an identity, not for a privilege: the session is at most role
+    /// `user` (an administrator's too), `admin` only where `admin_trusted`
+    /// (`trust_multisite_admin`), and never `writer` (the site's own services write tasks
+    /// here, not another site). Unknown users, and users with no role a peer may assert, get
+    /// none.
+    pub async fn issue_for_trusted_peer(
+        &self,
+        user: &str,
+        peer: &sitegate_model::site::SiteName,
+        admin_trusted: bool,
+    ) -> Result<(String, Caller), ApiError> {
+        let users = self.users.load_full();
+        let Some(entry) = users.by_name.get(user) else {
+            return Err(ApiError::NotAuthenticated("No such user at this site."));
+        };
+        let mut roles = Vec::new();
+        for role in &entry.roles {
+            let granted = match role {
+                Role::Admin if admin_trusted => Some(Role::Admin),
+                Role::Admin | Role::User => Some(Role::User),
+                Role::Writer => None,
+            };
+            if let Some(r) = granted.filter(|r| !roles.contains(r)) {
+                roles.push(r);
+            }
+        }
+        if roles.is_empty() {
+            return Err(ApiError::Forbidden(
+                "A peer may obtain sessions only for users with role user or admin.",
+            ));
+        }
+        self.issue(entry, roles, Some(peer.to_string())).await
+    }
+
+    async fn issue(
+        &self,
+        entry: &UserEntry,
+        roles: Vec<Role>,
+        bound_peer: Option<String>,
+    ) -> Result<(String, Caller), ApiError> {
         let mut raw = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut raw);
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
@@ -236,10 +327,11 @@ impl SessionManager {
         let record = SessionRecord {
             token_hash: token_hash(&token),
             user: entry.name.clone(),
-            roles: entry.roles.clone(),
+            roles,
             created: now,
             last_seen: now,
             extensions: Vec::new(),
+            bound_peer,
         };
         let caller = Caller {
             user: record.user.clone(),
@@ -251,8 +343,13 @@ impl SessionManager {
         Ok((token, caller))
     }
 
-    /// Resolves a token to its caller, ending the session if it has expired.
-    async fn authenticate(&self, token: &str) -> Result<Caller, AuthOutcome> {
+    /// Resolves a token to its caller, ending the session if it has expired. `origin` is the
+    /// peer site a request came from over the peer link, if it did.
+    async fn authenticate(
+        &self,
+        token: &str,
+        origin: Option<&sitegate_model::site::SiteName>,
+    ) -> Result<Caller, AuthOutcome> {
         // A real token is 43 URL-safe characters; anything else cannot match and is not
         // worth a store lookup.
         if token.len() != 43 {
@@ -273,6 +370,16 @@ impl SessionManager {
                 "The session has ended or never existed.",
             ));
         }
+        // A session issued to a peer works only for that peer, over the peer link: its token
+        // alone, from that site's database or anywhere else, opens nothing here.
+        if let Some(bound) = &record.bound_peer {
+            if origin.map(|o| o.as_str()) != Some(bound.as_str()) {
+                tracing::warn!(peer = %bound, from_peer = ?origin.map(|o| o.as_str()), "a peer's session was presented by someone else");
+                return Err(AuthOutcome::Refused(
+                    "This session belongs to a peer site and is valid only on its peer link.",
+                ));
+            }
+        }
         let now = now_millis();
         if now - record.last_seen > self.idle_timeout_ms || now - record.created > self.max_age_ms {
             if let Err(e) = self.store.delete_session(hash).await {
@@ -291,12 +398,69 @@ impl SessionManager {
                 }
             });
         }
+        // The users file decides, now: a user removed from it has no session left, and a
+        // session has at most the roles the user has now (and at most those it was issued).
+        let users = self.users.load();
+        let Some(entry) = users.by_name.get(&record.user) else {
+            if let Err(e) = self.store.delete_session(hash).await {
+                tracing::warn!(error = %e, "could not delete the session of a removed user");
+            }
+            return Err(AuthOutcome::Refused(
+                "The user is no longer known at this site.",
+            ));
+        };
+        let roles = record
+            .roles
+            .into_iter()
+            .filter(|r| {
+                entry.roles.contains(r) || (*r == Role::User && entry.roles.contains(&Role::Admin))
+            })
+            .collect();
         Ok(Caller {
             user: record.user,
-            roles: record.roles,
+            roles,
             token_hash: hash,
             extensions: record.extensions,
         })
+    }
+
+    /// Whether `user` may try a credentials extension to `site` now (429 when locked).
+    pub fn check_extension(&self, user: &str, site: &str) -> Result<(), ApiError> {
+        self.throttle
+            .check_extension(user, site, Instant::now())
+            .map_err(|l| ApiError::TooManyAttempts {
+                retry_after: l.retry_after,
+            })
+    }
+
+    /// A credentials extension was refused by the peer; 429 once that locks the pair.
+    pub fn extension_failed(&self, user: &str, site: &str) -> Result<(), ApiError> {
+        match self
+            .throttle
+            .record_extension_failure(user, site, Instant::now())
+        {
+            Some(l) => Err(ApiError::TooManyAttempts {
+                retry_after: l.retry_after,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn extension_succeeded(&self, user: &str, site: &str) {
+        self.throttle.record_extension_success(user, site);
+    }
+
+    /// Whether the caller's session still stands: not logged out, not expired, its user still
+    /// in the users file. Held requests ask this as they wait, so a logout or an expiry ends
+    /// them, not only the next request.
+    pub async fn is_alive(&self, caller: &Caller) -> bool {
+        let Ok(Some(record)) = self.store.get_session(caller.token_hash).await else {
+            return false;
+        };
+        let now = now_millis();
+        now - record.last_seen <= self.idle_timeout_ms
+            && now - record.created <= self.max_age_ms
+            && self.users.load().by_name.contains_key(&record.user)
     }
 
     /// Keeps `remote` in the caller's session; every replica and a restart see it.
@@ -310,7 +474,7 @@ impl SessionManager {
             .put_extension(caller.token_hash, remote.clone())
             .await?
         {
-            return Err(ApiError::NotAuthenticated("The session has ended."));
+            return Err(ApiError::SessionRequired("The session has ended."));
         }
         caller.extensions.retain(|e| e.site != remote.site);
         caller.extensions.push(remote);
@@ -359,7 +523,11 @@ pub async fn authenticate(
         .get(AUTH_HEADER)
         .map(|v| v.to_str().unwrap_or_default().to_owned());
     if let Some(token) = token {
-        let outcome = match sessions.authenticate(&token).await {
+        let origin = req
+            .extensions()
+            .get::<crate::layers::PeerOrigin>()
+            .map(|o| o.0.clone());
+        let outcome = match sessions.authenticate(&token, origin.as_ref()).await {
             Ok(caller) => AuthOutcome::Authenticated(caller),
             Err(outcome) => outcome,
         };
@@ -374,9 +542,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         match parts.extensions.get::<AuthOutcome>() {
             Some(AuthOutcome::Authenticated(caller)) => Ok(caller.clone()),
-            Some(AuthOutcome::Refused(why)) => Err(ApiError::NotAuthenticated(why)),
+            Some(AuthOutcome::Refused(why)) => Err(ApiError::SessionRequired(why)),
             Some(AuthOutcome::StoreFailed(e)) => Err(ApiError::Store(e.clone())),
-            None => Err(ApiError::NotAuthenticated(
+            None => Err(ApiError::SessionRequired(
                 "Log in first: POST /sessions, then send the token in the X-VCAV-Auth header.",
             )),
         }
@@ -404,6 +572,7 @@ mod tests {
                 name: "alice".into(),
                 roles: vec![Role::User],
                 password_hash: hash_password("pw").unwrap(),
+                org: None,
             }],
         };
         assert!(Users::from_file(good.clone()).is_ok());

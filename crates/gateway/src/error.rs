@@ -29,8 +29,14 @@ pub enum ApiError {
     NoRoute,
     #[error("this endpoint does not accept that method")]
     MethodNotAllowed,
+    /// Wrong credentials at login.
     #[error("{0}")]
     NotAuthenticated(&'static str),
+    /// No usable session token: none, unknown, expired or logged out. Answered with
+    /// `WWW-Authenticate: Authentication Token Required`, which the original's clients read as
+    /// "log in again".
+    #[error("{0}")]
+    SessionRequired(&'static str),
     /// Too many failed logins for the user name or from the address: refused, without
     /// checking the password, until `retry_after` has passed.
     #[error(
@@ -55,6 +61,14 @@ pub enum ApiError {
     /// The request did not finish within the server's deadline.
     #[error("the request did not complete in time")]
     Timeout,
+    /// The caller already holds as many blocking reads and event streams as one user may.
+    #[error(
+        "You hold {limit} blocking reads and event streams already; close one or try again later."
+    )]
+    TooManyHeld { limit: usize },
+    /// The site is at one of its limits of requests in progress (`what` names it).
+    #[error("This site is at its limit of {0}; try again shortly.")]
+    Busy(&'static str),
     /// The site is draining or its store is unreachable (`/readyz`).
     #[error("not ready: {0}")]
     NotReady(&'static str),
@@ -121,14 +135,14 @@ impl ApiError {
                 msg,
                 vec![],
             ),
-            NoRoute => (StatusCode::NOT_FOUND, ErrorCode::BadUserInput, msg, vec![]),
+            NoRoute => (StatusCode::NOT_FOUND, ErrorCode::NotFound, msg, vec![]),
             MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::BadUserInput,
                 msg,
                 vec![],
             ),
-            NotAuthenticated(_) => (
+            NotAuthenticated(_) | SessionRequired(_) => (
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::NotAuthenticated,
                 msg,
@@ -171,6 +185,18 @@ impl ApiError {
                     StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
                 (status, code, e.message(), vec![])
             }
+            TooManyHeld { limit } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyRequests,
+                msg,
+                vec![limit.to_string()],
+            ),
+            Busy(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ServerBusy,
+                msg,
+                vec![],
+            ),
             NotReady(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::GeneralServerFailure,
@@ -209,12 +235,16 @@ impl IntoResponse for ApiError {
             }
             ApiError::Peer(PeerError::Unreachable { .. } | PeerError::BadAnswer { .. }) => Some(1),
             ApiError::TooManyAttempts { retry_after } => Some(retry_after_secs(retry_after)),
+            ApiError::TooManyHeld { .. } | ApiError::Busy(_) => Some(1),
             _ => None,
         };
         // Logged here and nowhere else, inside the request's span so the line carries the
         // operation ID; internal failures with their full cause chain.
         if let ApiError::Peer(e) = &self {
             tracing::warn!(code = code.as_str(), error = %e, detail = e.detail(), "peer request failed");
+        } else if matches!(self, ApiError::Busy(_)) {
+            // Expected under overload, and counted; one line each, not an error's.
+            tracing::warn!(code = code.as_str(), error = %self, "request refused: busy");
         } else if status.is_server_error() {
             let cause = std::error::Error::source(&self)
                 .map(|s| s.to_string())
@@ -234,6 +264,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,
                 axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        if matches!(self, ApiError::SessionRequired(_)) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Authentication Token Required"),
             );
         }
         if let Some(secs) = retry_after {

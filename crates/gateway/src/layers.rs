@@ -29,6 +29,63 @@ pub struct PeerOrigin(pub sitegate_model::site::SiteName);
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline(pub Instant);
 
+/// The load balancers whose `X-Forwarded-For` is believed (`listen.trusted_proxies`).
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(pub std::sync::Arc<Vec<ipnet::IpNet>>);
+
+impl TrustedProxies {
+    fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client behind a trusted proxy: walking `X-Forwarded-For` from the right (the
+    /// entries the proxies appended), the first address that is not a trusted proxy. `None`
+    /// when the connection is not from a trusted proxy, or the header says nothing usable;
+    /// entries further left than that address are the client's own claims and never used.
+    pub fn client_behind(
+        &self,
+        peer: std::net::IpAddr,
+        headers: &axum::http::HeaderMap,
+    ) -> Option<std::net::IpAddr> {
+        if !self.contains(peer) {
+            return None;
+        }
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        for hop in hops.iter().rev() {
+            let ip = hop.parse::<std::net::IpAddr>().ok()?;
+            if !self.contains(ip) {
+                return Some(ip);
+            }
+        }
+        None
+    }
+}
+
+/// Outermost on the client API when `listen.trusted_proxies` is set: a request that came
+/// through a trusted load balancer gets the client's address (from `X-Forwarded-For`) as its
+/// [`ClientAddr`], for login throttling and the access log.
+pub async fn forwarded_client(
+    State(proxies): State<TrustedProxies>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if req.extensions().get::<PeerOrigin>().is_none() {
+        if let Some(ClientAddr(peer)) = req.extensions().get::<ClientAddr>().copied() {
+            if let Some(client) = proxies.client_behind(peer.ip(), req.headers()) {
+                req.extensions_mut()
+                    .insert(ClientAddr(SocketAddr::new(client, 0)));
+            }
+        }
+    }
+    next.run(req).await
+}
+
 /// What the operation-ID layer knows about the site, for its span and access log.
 #[derive(Clone)]
 pub struct RequestContext {
@@ -93,7 +150,7 @@ pub async fn operation_id(
     span.record("http.response.status_code", status);
     let labels = [
         ("route", route),
-        ("method", method.to_string()),
+        ("method", method_label(&method).to_owned()),
         ("status", status.to_string()),
         ("target_site", target_site.clone()),
     ];
@@ -122,7 +179,26 @@ pub async fn operation_id(
     response
 }
 
-/// Answers JSON with the vendor media type (`application/vnd.vmware.h4-v<ver>+json`) when the
+/// The `method` label of the request metrics: the methods HTTP defines, and `other` for any
+/// a client makes up, so a client cannot add series (each costs memory until scraped and
+/// time on every scrape).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Answers JSON with the vendor media type (`application/vnd.vmware.h4-v<ver>+json;charset=UTF-8`) when the
 /// caller asked for it, as the original API does; plain `application/json` otherwise.
 pub async fn negotiate_media_type(req: Request, next: Next) -> Response {
     let vendor = req
@@ -130,7 +206,8 @@ pub async fn negotiate_media_type(req: Request, next: Next) -> Response {
         .get(ACCEPT)
         .and_then(|v| v.to_str().ok())
         .and_then(vendor_media_type)
-        .and_then(|t| HeaderValue::from_str(&t).ok());
+        // With the charset, as the original's answers carry it.
+        .and_then(|t| HeaderValue::from_str(&format!("{t};charset=UTF-8")).ok());
     let mut response = next.run(req).await;
     if let Some(vendor) = vendor {
         let is_json = response
@@ -186,6 +263,57 @@ pub async fn deadline(State(limit): State<Duration>, mut req: Request, next: Nex
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_behind_a_trusted_proxy_is_the_right_most_untrusted_hop() {
+        let proxies = TrustedProxies(std::sync::Arc::new(vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ]));
+        let headers = |values: &[&str]| {
+            let mut h = axum::http::HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", v.parse().unwrap());
+            }
+            h
+        };
+        let proxy = "127.0.0.1".parse().unwrap();
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        // The client spoofs an address; HAProxy appends the real one.
+        assert_eq!(
+            proxies.client_behind(proxy, &headers(&["192.0.2.66, 127.0.0.3"])),
+            ip("127.0.0.3")
+        );
+        assert_eq!(
+            proxies.client_behind(proxy, &headers(&["192.0.2.66", "127.0.0.3"])),
+            ip("127.0.0.3")
+        );
+        // A chain of trusted proxies is walked through.
+        assert_eq!(
+            proxies.client_behind(proxy, &headers(&["198.51.100.7, 10.1.2.3"])),
+            ip("198.51.100.7")
+        );
+        // Not from a proxy: the header is the client's claim, ignored.
+        assert_eq!(
+            proxies.client_behind("192.0.2.1".parse().unwrap(), &headers(&["198.51.100.7"])),
+            None
+        );
+        assert_eq!(proxies.client_behind(proxy, &headers(&["garbage"])), None);
+        assert_eq!(proxies.client_behind(proxy, &headers(&[])), None);
+    }
+
+    #[test]
+    fn method_labels_are_a_fixed_set() {
+        for (method, label) in [
+            ("GET", "GET"),
+            ("PATCH", "PATCH"),
+            ("QWERTYUIOPAS", "other"),
+            ("get", "other"),
+        ] {
+            let m = axum::http::Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(method_label(&m), label);
+        }
+    }
 
     #[test]
     fn vendor_types() {

@@ -10,11 +10,16 @@
 //!
 //! Modules, in the order a request meets them:
 //! - [`server`]: the accept loop (connection limit, header read timeout, graceful drain).
+//! - `http1_wire`: HTTP/1.1 response heads spelled as the original API's clients expect
+//!   (`X-VCAV-Auth`, `operationID`), hyper's own bare errors given the envelope, and a
+//!   doubled CR before a header line's end read as a space.
 //! - [`app`]: [`Application`] (build from config, run until shutdown) and the layer stack.
 //! - [`layers`]: operation ID and access log, media-type negotiation, request deadline.
 //! - [`limits`]: the header size limit, and the client API's first-request, idle and
 //!   slow-head limits on connections (408 with the envelope).
 //! - [`auth`]: users, password checks, sessions and the [`auth::Caller`] extractor.
+//! - `budget`: requests in progress per listener, held requests (blocking reads, event
+//!   streams) per user and in total; refusals instead of queues that never end.
 //! - [`throttle`]: failed logins counted per user name and per address; lockouts.
 //! - [`extract`]: body and path extractors that fail with the API's envelope.
 //! - [`handlers`]: one module per resource: sessions, tasks, sites, operations.
@@ -33,9 +38,11 @@
 
 pub mod app;
 pub mod auth;
+pub(crate) mod budget;
 pub mod error;
 pub mod extract;
 pub mod handlers;
+mod http1_wire;
 pub mod layers;
 pub mod limits;
 pub mod openapi;

@@ -183,6 +183,10 @@ pub struct ClientIo<I> {
     connection: Arc<ClientConnection>,
     /// Where the stream goes when dropped with `keep_socket` set.
     parked: Arc<Mutex<Option<I>>>,
+    /// A rewritten HTTP/1 response head (see `http1_wire`) that hyper counts as written but
+    /// the socket has not taken yet, from `pending_at` on; written before anything else.
+    pending: Vec<u8>,
+    pending_at: usize,
 }
 
 /// The serving task's side of a [`ClientIo`]: the connection's record, and the stream back
@@ -207,6 +211,8 @@ impl<I> ClientIo<I> {
             stream: Some(stream),
             connection: connection.clone(),
             parked: parked.clone(),
+            pending: Vec::new(),
+            pending_at: 0,
         };
         (io, Watched { connection, parked })
     }
@@ -227,6 +233,72 @@ impl<I: Unpin> ClientIo<I> {
             self.connection.wrote_any.store(true, Ordering::Relaxed);
         }
     }
+
+    fn http1(&self) -> bool {
+        self.connection.protocol() == PROTOCOL_HTTP1
+    }
+}
+
+impl<I: AsyncWrite + Unpin> ClientIo<I> {
+    /// Writes what is left of a rewritten head; ready once nothing is pending.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending_at < self.pending.len() {
+            let at = self.pending_at;
+            let stream = self
+                .stream
+                .as_mut()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+            match Pin::new(stream).poll_write(cx, &self.pending[at..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.pending_at += n;
+                    self.wrote(n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.pending.clear();
+        self.pending_at = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// A write whose first buffer is an HTTP/1 response head: the head is rewritten into
+    /// `pending` and sent with the buffers after it in one vectored write, as hyper would have.
+    /// hyper is told the head was written whole; what the socket did not take stays pending.
+    fn poll_write_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: &[u8],
+        rest: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        crate::http1_wire::rewrite_heads(head, &mut self.pending);
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        let mut slices = Vec::with_capacity(rest.len() + 1);
+        slices.push(io::IoSlice::new(&self.pending));
+        slices.extend(rest.iter().map(|s| io::IoSlice::new(s)));
+        let written = match Pin::new(stream).poll_write_vectored(cx, &slices) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => {
+                self.pending.clear();
+                return Poll::Ready(Err(e));
+            }
+            // The head is taken; the waker is registered for writing the rest of it.
+            Poll::Pending => 0,
+        };
+        self.wrote(written);
+        if written >= self.pending.len() {
+            let of_rest = written - self.pending.len();
+            self.pending.clear();
+            Poll::Ready(Ok(head.len() + of_rest))
+        } else {
+            self.pending_at = written;
+            Poll::Ready(Ok(head.len()))
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for ClientIo<I> {
@@ -243,6 +315,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for ClientIo<I> {
             c.touch();
             c.read_since_write.fetch_add(read.len(), Ordering::Relaxed);
             c.sniff(read);
+            if self.http1() {
+                crate::http1_wire::soften_doubled_cr(&mut buf.filled_mut()[before..]);
+            }
         }
         result
     }
@@ -254,6 +329,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if self.http1() && crate::http1_wire::starts_response_head(buf) {
+            return self.poll_write_head(cx, buf, &[]);
+        }
         let result = self.stream()?.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = result {
             self.wrote(n);
@@ -266,6 +345,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if let Some(first) = bufs.first() {
+            if self.http1() && crate::http1_wire::starts_response_head(first) {
+                return self.poll_write_head(cx, first, &bufs[1..]);
+            }
+        }
         let result = self.stream()?.poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = result {
             self.wrote(n);
@@ -278,10 +363,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
         self.stream()?.poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
         self.stream()?.poll_shutdown(cx)
     }
 }

@@ -36,7 +36,7 @@ use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::auth::AUTH_HEADER;
 use crate::error::ApiError;
-use crate::handlers::{ops, sessions, sites, tasks, AppState};
+use crate::handlers::{diagnostics, ops, sessions, sites, tasks, AppState};
 use crate::layers::OPERATION_ID_HEADER;
 
 /// The security scheme of the `X-VCAV-Auth` session token; operations that need a session
@@ -71,6 +71,9 @@ pub const SESSION_SCHEME: &str = "session";
         tasks::events,
         sites::list,
         sites::get,
+        diagnostics::about,
+        diagnostics::health,
+        diagnostics::health_task,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -81,6 +84,7 @@ pub const SESSION_SCHEME: &str = "session";
         (name = "sessions", description = "Log in, the session, and its extension to peers."),
         (name = "tasks", description = "Reading tasks (every user, their own; admins all) and writing them (the site's services: role `writer` or `admin`)."),
         (name = "sites", description = "The local site and its peers, with link health."),
+        (name = "diagnostics", description = "What this site is and how it is, in the original API's shapes."),
         (name = "operations", description = "For load balancers and orchestrators; no session needed."),
     )
 )]
@@ -169,6 +173,11 @@ impl Modify for LocalSite<'_> {
             .as_mut()
             .and_then(|c| c.schemas.get_mut("ExtendRequest"));
         if let Some(RefOr::T(Schema::OneOf(one_of))) = extend {
+            // The kinds serde recognises only to refuse them clearly (the original's `cookie`
+            // and `vcdAccessToken` extensions) are not part of the documented API.
+            one_of
+                .items
+                .retain(|variant| matches!(variant, RefOr::T(Schema::Object(_))));
             for variant in one_of.items.iter_mut() {
                 if let RefOr::T(Schema::Object(variant)) = variant {
                     if let Some(RefOr::T(Schema::Object(site))) = variant.properties.get_mut("site")
@@ -215,6 +224,11 @@ impl Modify for ClosedTaggedBodies {
             let Some(RefOr::T(Schema::OneOf(one_of))) = components.schemas.get_mut(name) else {
                 continue;
             };
+            // The kinds serde recognises only to refuse them clearly (the original's `cookie`
+            // and `vcdAccessToken` extensions) are not part of the documented API.
+            one_of
+                .items
+                .retain(|variant| matches!(variant, RefOr::T(Schema::Object(_))));
             for variant in one_of.items.iter_mut() {
                 if let RefOr::T(Schema::Object(variant)) = variant {
                     variant.additional_properties =
@@ -483,6 +497,30 @@ impl PartialSchema for PollRequest {
 
 impl ToSchema for PollRequest {}
 
+/// The `resourceType` filter of `GET /tasks`: a comma list of resource types, at most
+/// [`sitegate_model::query::MAX_LIST_VALUES`]; each entry is trimmed and empty ones skipped,
+/// so an entry holds no comma and no control character.
+pub struct ResourceTypes;
+
+impl PartialSchema for ResourceTypes {
+    fn schema() -> RefOr<Schema> {
+        ArrayBuilder::new()
+            .items(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(256))
+                    .pattern(Some("^[^,\\s\\x00-\\x1f\\x7f-\\x9f]+$")),
+            )
+            .min_items(Some(1))
+            .max_items(Some(sitegate_model::query::MAX_LIST_VALUES))
+            .build()
+            .into()
+    }
+}
+
+impl ToSchema for ResourceTypes {}
+
 /// The `ids` filter of `GET /tasks`: task IDs, at most
 /// [`sitegate_model::query::MAX_IDS_FILTER`]. Empty entries (`ids=a,,b`, or `ids=`) are
 /// skipped, as `sitegate_model::query` reads them.
@@ -568,7 +606,7 @@ impl ToSchema for BlockingRead {}
 pub struct SortKeys;
 
 /// The fields `GET /tasks` sorts by, as `sitegate_model::query` names them.
-const SORT_FIELDS: [&str; 11] = [
+const SORT_FIELDS: [&str; 13] = [
     "startTime",
     "lastUpdated",
     "endTime",
@@ -580,6 +618,8 @@ const SORT_FIELDS: [&str; 11] = [
     "resourceType",
     "resourceId",
     "resourceName",
+    "sourceOrg",
+    "destinationOrg",
 ];
 
 impl PartialSchema for SortKeys {
@@ -696,6 +736,8 @@ mod tests {
             "/tasks/{task_id}/events",
             "/sites",
             "/sites/{site}",
+            "/diagnostics/about",
+            "/diagnostics/health",
             "/healthz",
             "/readyz",
             "/metrics",

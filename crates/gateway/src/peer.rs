@@ -258,6 +258,7 @@ impl Peer {
                 last_incoming: h.last_incoming,
             }),
             certificate_expiry: None,
+            certificate_error: None,
         }
     }
 

@@ -169,7 +169,10 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(head_buffer);
+        .max_buf_size(head_buffer)
+        // Each response head in a buffer of its own: the client connection's socket wrapper
+        // respells header names in heads only (see `http1_wire`).
+        .writev(true);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -113,6 +113,17 @@ impl SiteResolver {
                 .peers
                 .as_ref()
                 .and_then(|c| c.tls().own_certificate_expiry()),
+            certificate_error: self
+                .peers
+                .as_ref()
+                .and_then(|c| c.tls().certificate_problem())
+                .map(|(at, why)| {
+                    sitegate_model::ErrorEnvelope::new(
+                        sitegate_model::ErrorCode::GeneralServerFailure,
+                        why,
+                        vec![at.to_string()],
+                    )
+                }),
         }];
         if let Some(client) = &self.peers {
             sites.extend(client.peers.all().iter().map(|p| p.site_info()));

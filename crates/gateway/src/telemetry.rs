@@ -134,6 +134,19 @@ fn otlp_exporter(
 /// runtime (the batch exporter lives on it). `site` becomes the `sitegate.site` resource
 /// attribute.
 pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Telemetry, String> {
+    let terminal = std::io::stderr().is_terminal();
+    init_with_writer(log, config, site, std::io::stderr(), terminal)
+}
+
+/// [`init`], with log lines going to `writer` (the demo's log file). `terminal` says whether a
+/// person reads it live: it picks text for `format = "auto"` and allows colours.
+pub fn init_with_writer<W: std::io::Write + Send + 'static>(
+    log: &LogConfig,
+    config: &TelemetryConfig,
+    site: &str,
+    writer: W,
+    terminal: bool,
+) -> Result<Telemetry, String> {
     global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
         Box::new(TraceContextPropagator::new()),
         Box::new(BaggagePropagator::new()),
@@ -182,7 +195,7 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
     let json = match log.format {
         LogFormat::Json => true,
         LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Auto => !terminal,
     };
     // Lines are written by a background thread, so request handling never waits on a
     // write(2) or on a lock around stderr. Not lossy: a full queue makes logging wait rather
@@ -191,7 +204,7 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
     let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(8_192)
-        .finish(std::io::stderr());
+        .finish(writer);
     let fmt_layer = if json {
         tracing_subscriber::fmt::layer()
             .with_writer(writer)
@@ -200,7 +213,7 @@ pub fn init(log: &LogConfig, config: &TelemetryConfig, site: &str) -> Result<Tel
     } else {
         tracing_subscriber::fmt::layer()
             .with_writer(writer)
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(terminal)
             .boxed()
     };
     // Spans reach the tracer whatever the log level: a quiet log must not mean no traces.

@@ -183,10 +183,13 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
 }
 
 /// The throttle key of a client address: IPv4 addresses as they are, IPv6 by their /64.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum AddressKey {
     V4(u32),
     V6Prefix(u64),
+    /// A peer site relaying logins (credentials extensions): one site, one address. Only
+    /// configured peers reach the peer link, so these keys are a bounded set.
+    Site(String),
 }
 
 impl From<IpAddr> for AddressKey {
@@ -197,6 +200,20 @@ impl From<IpAddr> for AddressKey {
                 Some(v4) => AddressKey::V4(u32::from(v4)),
                 None => AddressKey::V6Prefix((u128::from(v6) >> 64) as u64),
             },
+        }
+    }
+}
+
+impl std::fmt::Display for AddressKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AddressKey::V4(v4) => write!(f, "{}", std::net::Ipv4Addr::from(*v4)),
+            AddressKey::V6Prefix(prefix) => write!(
+                f,
+                "{}/64",
+                std::net::Ipv6Addr::from(u128::from(*prefix) << 64)
+            ),
+            AddressKey::Site(site) => write!(f, "site {site}"),
         }
     }
 }
@@ -250,7 +267,12 @@ impl LoginThrottle {
     }
 
     /// Whether a login attempt may go on to the password check.
-    pub fn check(&self, user: &str, address: Option<IpAddr>, now: Instant) -> Result<(), Locked> {
+    pub fn check(
+        &self,
+        user: &str,
+        address: Option<&AddressKey>,
+        now: Instant,
+    ) -> Result<(), Locked> {
         let by_user = self
             .per_user
             .as_ref()
@@ -260,7 +282,7 @@ impl LoginThrottle {
             .per_address
             .as_ref()
             .zip(address)
-            .and_then(|(l, ip)| l.locked_for(&AddressKey::from(ip), now));
+            .and_then(|(l, key)| l.locked_for(key, now));
         match by_user.max(by_address) {
             Some(retry_after) => Err(Locked { retry_after }),
             None => Ok(()),
@@ -272,7 +294,7 @@ impl LoginThrottle {
     pub fn record_failure(
         &self,
         user: &str,
-        address: Option<IpAddr>,
+        address: Option<&AddressKey>,
         now: Instant,
     ) -> Option<Locked> {
         let by_user = self
@@ -284,7 +306,7 @@ impl LoginThrottle {
             .per_address
             .as_ref()
             .zip(address)
-            .and_then(|(l, ip)| l.fail(&AddressKey::from(ip), now));
+            .and_then(|(l, key)| l.fail(key, now));
         if let Some(lockout) = by_user {
             tracing::warn!(
                 user,
@@ -292,12 +314,53 @@ impl LoginThrottle {
                 "too many failed logins for this user name: locked"
             );
         }
-        if let (Some(lockout), Some(ip)) = (by_address, address) {
-            tracing::warn!(address = %ip, lockout_secs = lockout.as_secs(), "too many failed logins from this address: locked");
+        if let (Some(lockout), Some(key)) = (by_address, address) {
+            tracing::warn!(address = %key, lockout_secs = lockout.as_secs(), "too many failed logins from this address: locked");
         }
         by_user
             .max(by_address)
             .map(|retry_after| Locked { retry_after })
+    }
+
+    /// The key of credentials extensions by local user `user` to peer `site`: a name no user
+    /// can have (it has a space), so it never locks anyone's own login.
+    fn extension_key(user: &str, site: &str) -> String {
+        format!("extend {user}@{site}")
+    }
+
+    /// Whether `user` may try a credentials extension to `site` now.
+    pub fn check_extension(&self, user: &str, site: &str, now: Instant) -> Result<(), Locked> {
+        match self
+            .per_user
+            .as_ref()
+            .and_then(|l| l.locked_for(&Self::extension_key(user, site), now))
+        {
+            Some(retry_after) => Err(Locked { retry_after }),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a refused credentials extension; the lockout it started, if any.
+    pub fn record_extension_failure(&self, user: &str, site: &str, now: Instant) -> Option<Locked> {
+        let lockout = self
+            .per_user
+            .as_ref()
+            .and_then(|l| l.fail(&Self::extension_key(user, site), now))?;
+        tracing::warn!(
+            user,
+            peer = site,
+            lockout_secs = lockout.as_secs(),
+            "too many refused credentials extensions: locked"
+        );
+        Some(Locked {
+            retry_after: lockout,
+        })
+    }
+
+    pub fn record_extension_success(&self, user: &str, site: &str) {
+        if let Some(limiter) = &self.per_user {
+            limiter.forget(&Self::extension_key(user, site));
+        }
     }
 
     /// Forgets the user name's failures and lockouts after a successful login.
@@ -323,8 +386,38 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    fn ip(text: &str) -> Option<IpAddr> {
-        text.parse().ok()
+    fn ip(text: &str) -> Option<&'static AddressKey> {
+        // Leaked: a few bytes per test, for keys that read like the addresses they stand for.
+        text.parse::<IpAddr>()
+            .ok()
+            .map(|a| &*Box::leak(Box::new(AddressKey::from(a))))
+    }
+
+    #[test]
+    fn a_relaying_site_counts_as_one_address_and_extensions_lock_only_themselves() {
+        let t = LoginThrottle::new(rule(100), rule(3), 1000);
+        let now = Instant::now();
+        let site2 = AddressKey::Site("site2".into());
+        for user in ["a", "b"] {
+            assert_eq!(t.record_failure(user, Some(&site2), now), None);
+        }
+        assert!(t.record_failure("c", Some(&site2), now).is_some());
+        assert!(
+            t.check("d", Some(&site2), now).is_err(),
+            "the relaying site is locked"
+        );
+        assert!(t
+            .check("d", Some(&AddressKey::Site("site3".into())), now)
+            .is_ok());
+        // Refused extensions of alice to site2 lock those extensions, not alice's own login.
+        let t = LoginThrottle::new(rule(2), rule(100), 1000);
+        assert!(t.record_extension_failure("alice", "site2", now).is_none());
+        assert!(t.record_extension_failure("alice", "site2", now).is_some());
+        assert!(t.check_extension("alice", "site2", now).is_err());
+        assert!(t.check_extension("alice", "site3", now).is_ok());
+        assert!(t.check("alice", None, now).is_ok());
+        t.record_extension_success("alice", "site2");
+        assert!(t.check_extension("alice", "site2", now).is_ok());
     }
 
     #[test]

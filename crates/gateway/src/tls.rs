@@ -46,6 +46,7 @@ pub trait HandshakeObserver: Send + Sync + std::fmt::Debug {
 }
 
 /// The current configurations and what they were built from.
+#[derive(Clone)]
 struct Loaded {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
@@ -62,6 +63,10 @@ pub struct PeerTls {
     current: ArcSwap<Loaded>,
     /// Serialises reloads (SIGHUP and the file watcher may race).
     reloading: Mutex<()>,
+    /// What is wrong with the certificate (epoch ms, reason) until a reload succeeds: a
+    /// refused reload, or one in use that peers will refuse. `/sites` and
+    /// `/diagnostics/health` show it, so neither goes unnoticed.
+    refused: Mutex<Option<(i64, String)>>,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -85,6 +90,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    crate::auth::warn_if_readable_by_others(path, "private key", 0o077);
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -117,12 +123,44 @@ pub fn not_after_millis(cert: &CertificateDer<'_>) -> Option<i64> {
     Some(parsed.validity().not_after.timestamp() * 1000)
 }
 
+/// Whether `chain` is what peers will accept: it chains to `roots` and is valid now.
+fn verify_own(
+    files: &TlsConfig,
+    chain: &[CertificateDer<'static>],
+    roots: &RootCertStore,
+) -> Result<(), TlsError> {
+    let end_entity = webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.cert.display())))?;
+    end_entity
+        .verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &roots.roots,
+            &chain[1..],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            TlsError::Invalid(format!(
+                "{} is not valid now under the federation CA {}: {e:?}",
+                files.cert.display(),
+                files.ca.display()
+            ))
+        })
+}
+
+/// Builds the configurations from the files. `strict` (a reload, with working certificates
+/// to keep) refuses a certificate peers would refuse; at start it is built anyway, so the
+/// site serves its own users, and the problem is returned beside it to be reported.
 fn build(
     files: &TlsConfig,
     local: &SiteName,
     peers: &[SiteName],
     observer: Arc<dyn HandshakeObserver>,
-) -> Result<Loaded, TlsError> {
+    strict: bool,
+) -> Result<(Loaded, Option<TlsError>), TlsError> {
     let stamp = stamp(files);
     let ca = read_certs(&files.ca)?;
     let chain = read_certs(&files.cert)?;
@@ -140,6 +178,14 @@ fn build(
             files.cert.display()
         )));
     }
+    // What the peers will check: the certificate must chain to the federation CA and be
+    // valid now (a self-signed certificate naming the site, or one that expired, would make
+    // every peer refuse this site).
+    let problem = match verify_own(files, &chain, &roots) {
+        Ok(()) => None,
+        Err(e) if strict => return Err(e),
+        Err(e) => Some(e),
+    };
     let own_cert_expiry = not_after_millis(&chain[0]);
 
     let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -166,12 +212,15 @@ fn build(
         .map_err(|e| TlsError::Invalid(format!("site certificate and key: {e}")))?;
     client.alpn_protocols = vec![b"h2".to_vec()];
 
-    Ok(Loaded {
-        server: Arc::new(server),
-        client: Arc::new(client),
-        own_cert_expiry,
-        stamp,
-    })
+    Ok((
+        Loaded {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            own_cert_expiry,
+            stamp,
+        },
+        problem,
+    ))
 }
 
 impl PeerTls {
@@ -181,7 +230,14 @@ impl PeerTls {
         peers: Vec<SiteName>,
         observer: Arc<dyn HandshakeObserver>,
     ) -> Result<Self, TlsError> {
-        let loaded = build(&files, &local, &peers, observer.clone())?;
+        let (loaded, problem) = build(&files, &local, &peers, observer.clone(), false)?;
+        let refused = problem.map(|e| {
+            tracing::error!(error = %e, "this site's peer-link certificate will be refused by its peers");
+            (
+                sitegate_store::now_millis(),
+                format!("The certificate in use will be refused by peers: {e}"),
+            )
+        });
         let mut all = peers;
         all.push(local);
         Ok(PeerTls {
@@ -190,6 +246,7 @@ impl PeerTls {
             observer,
             current: ArcSwap::from_pointee(loaded),
             reloading: Mutex::new(()),
+            refused: Mutex::new(refused),
         })
     }
 
@@ -205,14 +262,44 @@ impl PeerTls {
     /// Re-reads the files; on failure the old configuration stays in force.
     pub fn reload(&self) -> Result<(), TlsError> {
         let _guard = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        let loaded = build(
+        let built = build(
             &self.files,
             self.local(),
             self.peer_names(),
             self.observer.clone(),
-        )?;
-        self.current.store(Arc::new(loaded));
-        Ok(())
+            true,
+        )
+        .map(|(loaded, _)| loaded);
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match built {
+            Ok(loaded) => {
+                self.current.store(Arc::new(loaded));
+                *refused = None;
+                Ok(())
+            }
+            Err(e) => {
+                // The stamp of the refused files is taken as seen, so the watcher does not
+                // retry (and log) every tick; a new change or SIGHUP tries again.
+                let mut seen = (**self.current.load()).clone();
+                seen.stamp = stamp(&self.files);
+                self.current.store(Arc::new(seen));
+                *refused = Some((
+                    sitegate_store::now_millis(),
+                    format!("New certificates were refused; the previous ones stay in use: {e}"),
+                ));
+                Err(e)
+            }
+        }
+    }
+
+    /// What is wrong with this site's certificate, if anything: a refused reload (the
+    /// previous certificates stay in use) or, from the start, one peers will refuse:
+    /// (epoch ms, reason).
+    pub fn certificate_problem(&self) -> Option<(i64, String)> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Reloads when any of the files' modification times changed; returns whether it did.
@@ -262,7 +349,7 @@ impl ReloadableCertificates for PeerTls {
 
 /// The client API's HTTPS, when an operator configures it (`listen.tls_cert`/`tls_key`):
 /// server authentication only, TLS 1.3 and 1.2 (never older: rustls has nothing older, and the
-/// versions are named here so no future default widens them), ALPN h2 then http/1.1.
+/// versions are named here so no future default widens them), ALPN http/1.1.
 /// Reloadable like the peer link's, so a certificate can be renewed without a restart.
 pub struct ClientApiTls {
     /// The certificate chain file (`listen.tls_cert`), re-read on reload.
@@ -296,7 +383,11 @@ fn build_client_api(
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Invalid(format!("client API certificate and key: {e}")))?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: curl and browsers take HTTP/2 whenever it is offered, and then every
+    // header name arrives in lower case, which breaks the original API's scripts
+    // (`curl -i ... | grep X-VCAV-Auth`). A client that wants HTTP/2 can still speak it with
+    // prior knowledge over plain TCP behind a terminating balancer.
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok((Arc::new(server), stamp))
 }
 

@@ -132,6 +132,8 @@ mod tests {
             error: None,
             warnings: Vec::new(),
             workflow_info: WorkflowInfo::default(),
+            source_org: None,
+            destination_org: None,
         }
     }
 

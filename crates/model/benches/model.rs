@@ -40,6 +40,8 @@ fn running_task() -> Task {
             resource_id: Some("vm-4711".to_owned()),
             resource_name: Some("web-frontend-03".to_owned()),
         },
+        source_org: None,
+        destination_org: None,
     }
 }
 

@@ -181,13 +181,38 @@ pub struct ListenConfig {
     #[serde(default)]
     pub peer: Option<SocketAddr>,
     /// A certificate chain (PEM) for the client API: when set (with `tls_key`), the client API
-    /// speaks HTTPS only (TLS 1.2 or 1.3, HTTP/2 or HTTP/1.1 by ALPN). Reloaded when the file
+    /// speaks HTTPS only (TLS 1.2 or 1.3, HTTP/1.1: see ARCHITECTURE.md). Reloaded when the file
     /// changes, like the peer link's. Default: none (plain HTTP, for TLS terminated in front).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM) of `tls_cert`. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// Load balancers in front of the client API (addresses or CIDR blocks, `10.0.0.0/8`):
+    /// for a connection from one of them, the client is the right-most address of
+    /// `X-Forwarded-For` that is not itself one of them (HAProxy's `option forwardfor`). Login
+    /// throttling and the access log use that address. From anyone else the header is
+    /// ignored. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ListenConfig {
+    /// `trusted_proxies` parsed; an address stands for its single-address block.
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<ipnet::IpNet>, ModelError> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ModelError::invalid(format!(
+                            "listen.trusted_proxies: '{p}' is neither an address nor a CIDR block"
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 impl Default for ListenConfig {
@@ -197,6 +222,7 @@ impl Default for ListenConfig {
             peer: None,
             tls_cert: None,
             tls_key: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -379,9 +405,27 @@ pub struct LimitsConfig {
     /// keep balancers' idle connection timeouts below it. Default: 10.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout_secs: u64,
-    /// Requests handled at once; more wait. Default: 1024.
+    /// Client API requests handled at once; more wait, within the request timeout, then get
+    /// 503 ServerBusy with `Retry-After`. Held requests (blocking reads, event streams) and
+    /// `/healthz`, `/readyz`, `/metrics` are outside this budget. Default: 1024.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
+    /// The same for requests arriving over the peer link: a budget of its own, so neither
+    /// side can starve the other. Default: 256.
+    #[serde(default = "default_peer_max_concurrent")]
+    pub peer_max_concurrent_requests: usize,
+    /// Held requests (a `waitForChange` blocking read or a `/events` stream) one user may
+    /// have open at once; more get 429 TooManyRequests with `Retry-After`. Default: 32.
+    #[serde(default = "default_max_held_per_user")]
+    pub max_held_per_user: usize,
+    /// Held requests open at once on this site, all users together; more get 503
+    /// ServerBusy. Default: 1024.
+    #[serde(default = "default_max_held_total")]
+    pub max_held_total: usize,
+    /// An event stream ends after this long (the client reconnects), so no stream holds its
+    /// slot for ever. Default: 3600.
+    #[serde(default = "default_max_stream_secs")]
+    pub max_stream_secs: u64,
     /// Open client connections at once; more wait in the accept queue. Default: 4096.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -403,6 +447,10 @@ impl Default for LimitsConfig {
             request_timeout_secs: default_request_timeout(),
             header_read_timeout_secs: default_header_timeout(),
             max_concurrent_requests: default_max_concurrent(),
+            peer_max_concurrent_requests: default_peer_max_concurrent(),
+            max_held_per_user: default_max_held_per_user(),
+            max_held_total: default_max_held_total(),
+            max_stream_secs: default_max_stream_secs(),
             max_connections: default_max_connections(),
             shutdown_grace_secs: default_drain(),
             drain_delay_ms: 0,
@@ -427,6 +475,18 @@ fn default_max_concurrent() -> usize {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_peer_max_concurrent() -> usize {
+    256
+}
+fn default_max_held_per_user() -> usize {
+    32
+}
+fn default_max_held_total() -> usize {
+    1024
+}
+fn default_max_stream_secs() -> u64 {
+    3600
 }
 fn default_drain() -> u64 {
     20
@@ -486,9 +546,16 @@ pub struct PeerConfig {
     pub name: SiteName,
     /// The peer link's address, `https://host:port`; the host need not match the name.
     pub url: String,
-    /// Whether this site accepts `multisite` session requests from that peer. Default: false.
+    /// Whether this site accepts `multisite` session requests from that peer: the peer
+    /// vouches for a user's identity and gets a session for the user of the same name here,
+    /// usable only by that peer over the peer link. Such a session has role `user` at most
+    /// (an administrator's too) and never `writer`. Default: false.
     #[serde(default)]
     pub trust_multisite: bool,
+    /// Whether a `multisite` session from that peer keeps the `admin` role of an
+    /// administrator (every task of this site, the `user` filter). Default: false.
+    #[serde(default)]
+    pub trust_multisite_admin: bool,
     /// Free text shown by `GET /sites`. Default: empty.
     #[serde(default)]
     pub description: String,
@@ -603,9 +670,17 @@ impl SiteConfig {
                 "every [peering] value must be greater than 0",
             ));
         }
-        if l.max_concurrent_requests == 0 || l.max_connections == 0 {
+        self.listen.trusted_proxy_nets()?;
+        if l.max_concurrent_requests == 0
+            || l.peer_max_concurrent_requests == 0
+            || l.max_connections == 0
+            || l.max_held_per_user == 0
+            || l.max_held_total == 0
+            || l.max_stream_secs == 0
+        {
             return Err(ModelError::invalid(
-                "limits.max_concurrent_requests and limits.max_connections must be greater than 0",
+                "limits.max_concurrent_requests, peer_max_concurrent_requests, max_connections, \
+                 max_held_per_user, max_held_total and max_stream_secs must be greater than 0",
             ));
         }
         let mut names = vec![&self.site.name];
@@ -675,6 +750,7 @@ mod tests {
             name: SiteName::parse("site2").unwrap(),
             url: url.into(),
             trust_multisite: false,
+            trust_multisite_admin: false,
             description: String::new(),
         };
         for (url, want) in [
@@ -730,6 +806,7 @@ mod tests {
             name: SiteName::parse("site2").unwrap(),
             url: "https://127.0.0.1:1".into(),
             trust_multisite: false,
+            trust_multisite_admin: false,
             description: String::new(),
         });
         assert!(c.validate().is_err(), "peers need tls");
@@ -739,6 +816,7 @@ mod tests {
             name: SiteName::parse("site1").unwrap(),
             url: "https://127.0.0.1:1".into(),
             trust_multisite: false,
+            trust_multisite_admin: false,
             description: String::new(),
         });
         assert!(c.validate().is_err(), "a peer may not share the local name");

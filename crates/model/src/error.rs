@@ -15,10 +15,16 @@ pub enum ErrorCode {
     RemoteSiteUnavailable,
     RemoteSiteTimeout,
     GeneralServerFailure,
+    /// No such endpoint (a path the API does not have).
+    NotFound,
+    /// One caller holds as many requests as it may (held reads, streams); `Retry-After`.
+    TooManyRequests,
+    /// The site is at its limit of requests in progress; `Retry-After`.
+    ServerBusy,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadUserInput,
         ErrorCode::NotAuthenticated,
         ErrorCode::RemoteAuthenticationFailure,
@@ -29,6 +35,9 @@ impl ErrorCode {
         ErrorCode::RemoteSiteUnavailable,
         ErrorCode::RemoteSiteTimeout,
         ErrorCode::GeneralServerFailure,
+        ErrorCode::NotFound,
+        ErrorCode::TooManyRequests,
+        ErrorCode::ServerBusy,
     ];
 
     /// The code as it appears in the envelope's `code` field.
@@ -44,6 +53,9 @@ impl ErrorCode {
             ErrorCode::RemoteSiteUnavailable => "RemoteSiteUnavailable",
             ErrorCode::RemoteSiteTimeout => "RemoteSiteTimeout",
             ErrorCode::GeneralServerFailure => "GeneralServerFailure",
+            ErrorCode::NotFound => "NotFound",
+            ErrorCode::TooManyRequests => "TooManyRequests",
+            ErrorCode::ServerBusy => "ServerBusy",
         }
     }
 
@@ -54,11 +66,13 @@ impl ErrorCode {
             ErrorCode::BadUserInput => 400,
             ErrorCode::NotAuthenticated | ErrorCode::RemoteAuthenticationFailure => 401,
             ErrorCode::Forbidden => 403,
-            ErrorCode::SiteNotFound | ErrorCode::TaskNotFound => 404,
+            ErrorCode::SiteNotFound | ErrorCode::TaskNotFound | ErrorCode::NotFound => 404,
             ErrorCode::TaskAlreadyCompleted => 409,
             ErrorCode::RemoteSiteUnavailable => 502,
             ErrorCode::RemoteSiteTimeout => 504,
             ErrorCode::GeneralServerFailure => 500,
+            ErrorCode::TooManyRequests => 429,
+            ErrorCode::ServerBusy => 503,
         }
     }
 }
@@ -139,6 +153,9 @@ mod tests {
             ("RemoteSiteUnavailable", 502),
             ("RemoteSiteTimeout", 504),
             ("GeneralServerFailure", 500),
+            ("NotFound", 404),
+            ("TooManyRequests", 429),
+            ("ServerBusy", 503),
         ];
         for (code, (name, status)) in ErrorCode::ALL.iter().zip(table) {
             assert_eq!(code.as_str(), name);

@@ -21,6 +21,9 @@ pub struct FanOutList {
     pub items: Vec<Task>,
     /// The sum of the totals of the sites that answered.
     pub total: u64,
+    /// The page asked for, as in a single site's answer.
+    pub limit: u32,
+    pub offset: u64,
     pub site_errors: Vec<SiteError>,
 }
 
@@ -103,6 +106,8 @@ fn compare_field(field: SortField, a: &Task, b: &Task) -> Ordering {
         SortField::ResourceType => text(&wa.resource_type, &wb.resource_type),
         SortField::ResourceId => text(&wa.resource_id, &wb.resource_id),
         SortField::ResourceName => text(&wa.resource_name, &wb.resource_name),
+        SortField::SourceOrg => text(&a.source_org, &b.source_org),
+        SortField::DestinationOrg => text(&a.destination_org, &b.destination_org),
     }
 }
 
@@ -132,6 +137,8 @@ mod tests {
                 resource_id: None,
                 resource_name: name.map(str::to_owned),
             },
+            source_org: None,
+            destination_org: None,
         }
     }
 

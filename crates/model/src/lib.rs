@@ -19,8 +19,10 @@
 //! - [`site`]: validated [`site::SiteName`], the `/sites` objects.
 //! - [`operation`]: the validated [`operation::OperationId`].
 //! - [`config`]: the TOML configuration of one site, with defaults and validation.
+//! - [`diagnostics`]: the `/diagnostics/about` and `/diagnostics/health` answers.
 
 pub mod config;
+pub mod diagnostics;
 pub mod error;
 pub mod fanout;
 pub mod operation;

@@ -15,35 +15,58 @@ pub const MAX_IDS_FILTER: usize = 1000;
 /// Longer query strings are refused before they are parsed.
 pub const MAX_QUERY_LEN: usize = 64 * 1024;
 
-/// Splits a raw query string into decoded pairs, refusing names not in `allowed` and names
-/// given twice, so a typo (`stat=RUNNING`) is an error and not a silently ignored filter.
+/// The most ignored parameter names kept for the operator's log line.
+pub const MAX_IGNORED_NAMES: usize = 8;
+
+/// A query string split into decoded pairs of the names an endpoint knows, and the names it
+/// ignored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueryPairs {
+    pub pairs: Vec<(String, String)>,
+    /// Names the endpoint does not know, as the original API ignores them (a public client
+    /// sends `operationID` as a query parameter); at most [`MAX_IGNORED_NAMES`], each cut
+    /// for a log line. The gateway logs and counts them.
+    pub ignored: Vec<String>,
+}
+
+/// Splits a raw query string into decoded pairs. Names not in `allowed` are ignored (and
+/// reported in [`QueryPairs::ignored`]), as the original API does. A name in `lists` may be
+/// given more than once: its values are joined with commas, as if sent as one comma list.
+/// Any other name given twice is refused, since only one of its values could be used.
 pub fn parse_pairs(
     raw: Option<&str>,
     allowed: &[&str],
-) -> Result<Vec<(String, String)>, ModelError> {
+    lists: &[&str],
+) -> Result<QueryPairs, ModelError> {
     let raw = raw.unwrap_or("");
     if raw.len() > MAX_QUERY_LEN {
         return Err(ModelError::invalid("the query string is too long"));
     }
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+    let decoded: Vec<(String, String)> = serde_urlencoded::from_str(raw)
         .map_err(|_| ModelError::invalid("the query string is not valid URL encoding"))?;
-    let mut seen: Vec<&str> = Vec::with_capacity(pairs.len());
-    for (name, _) in &pairs {
+    let mut out = QueryPairs::default();
+    for (name, value) in decoded {
         if !allowed.contains(&name.as_str()) {
-            return Err(ModelError::invalid(format!(
-                "unknown query parameter '{}'; known: {}",
-                echo(name),
-                allowed.join(", ")
-            )));
+            if out.ignored.len() < MAX_IGNORED_NAMES && !out.ignored.contains(&name) {
+                out.ignored.push(echo(&name).chars().take(64).collect());
+            }
+            continue;
         }
-        if seen.contains(&name.as_str()) {
-            return Err(ModelError::invalid(format!(
-                "query parameter '{}' is given more than once",
-                echo(name)
-            )));
+        match out.pairs.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, first)) if lists.contains(&name.as_str()) => {
+                first.push(',');
+                first.push_str(&value);
+            }
+            Some(_) => {
+                return Err(ModelError::invalid(format!(
+                    "query parameter '{}' is given more than once",
+                    echo(&name)
+                )))
+            }
+            None => out.pairs.push((name, value)),
         }
-        seen.push(name);
     }
+    let pairs = &out.pairs;
     // serde_urlencoded decodes lossily (`%FF` becomes U+FFFD), so a value that is not UTF-8
     // once percent-decoded would be searched for as a different string; it is refused instead.
     // `site` is exempt: it is only compared with site names, so a value that names no site is
@@ -55,7 +78,8 @@ pub fn parse_pairs(
         for segment in raw.split('&') {
             let (name, value) = segment.split_once('=').unwrap_or((segment, ""));
             let name = percent_decode(name);
-            if name != b"site" && std::str::from_utf8(&percent_decode(value)).is_err() {
+            let known = allowed.iter().any(|a| a.as_bytes() == name.as_slice());
+            if known && name != b"site" && std::str::from_utf8(&percent_decode(value)).is_err() {
                 return Err(ModelError::invalid(format!(
                     "query parameter '{}' is not UTF-8 once percent-decoded",
                     echo(&String::from_utf8_lossy(&name))
@@ -63,7 +87,7 @@ pub fn parse_pairs(
             }
         }
     }
-    Ok(pairs)
+    Ok(out)
 }
 
 /// One query-string component decoded as form encoding does (`+` is a space; a `%` without two
@@ -88,12 +112,20 @@ fn percent_decode(component: &str) -> Vec<u8> {
     out
 }
 
-/// The query of an endpoint that takes only `site` (`GET /tasks/{id}`, `POST /tasks/poll`).
-pub fn parse_site_only(raw: Option<&str>) -> Result<Option<String>, ModelError> {
-    Ok(parse_pairs(raw, &["site"])?
-        .into_iter()
-        .next()
-        .map(|(_, v)| v))
+/// The query of an endpoint that takes only `site` (`POST /tasks/poll`, the event stream).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SiteQuery {
+    pub site: Option<String>,
+    /// Parameter names the endpoint ignored (see [`QueryPairs::ignored`]).
+    pub ignored: Vec<String>,
+}
+
+pub fn parse_site_only(raw: Option<&str>) -> Result<SiteQuery, ModelError> {
+    let parsed = parse_pairs(raw, &["site"], &[])?;
+    Ok(SiteQuery {
+        site: parsed.pairs.into_iter().next().map(|(_, v)| v),
+        ignored: parsed.ignored,
+    })
 }
 
 /// A field `GET /tasks` can sort by.
@@ -110,10 +142,12 @@ pub enum SortField {
     ResourceType,
     ResourceId,
     ResourceName,
+    SourceOrg,
+    DestinationOrg,
 }
 
 impl SortField {
-    const NAMES: [(&'static str, SortField); 11] = [
+    const NAMES: [(&'static str, SortField); 13] = [
         ("startTime", SortField::StartTime),
         ("lastUpdated", SortField::LastUpdated),
         ("endTime", SortField::EndTime),
@@ -125,6 +159,8 @@ impl SortField {
         ("resourceType", SortField::ResourceType),
         ("resourceId", SortField::ResourceId),
         ("resourceName", SortField::ResourceName),
+        ("sourceOrg", SortField::SourceOrg),
+        ("destinationOrg", SortField::DestinationOrg),
     ];
 
     fn parse(raw: &str) -> Result<Self, ModelError> {
@@ -181,16 +217,23 @@ pub struct TaskQuery {
     pub user: Option<String>,
     pub states: Vec<TaskState>,
     pub workflow_type: Option<String>,
-    pub resource_type: Option<String>,
+    /// Any of these (`resourceType` is a comma list in the original API); empty: any.
+    pub resource_types: Vec<String>,
     pub resource_id: Option<String>,
     pub resource_name: Option<String>,
     pub start_time_before: Option<EpochMillis>,
     pub start_time_after: Option<EpochMillis>,
     pub end_time_before: Option<EpochMillis>,
     pub end_time_after: Option<EpochMillis>,
+    /// The organisation at the task's source (case-sensitive, as the original).
+    pub source_org: Option<String>,
+    /// The organisation at the task's destination; administrators only, not with `user`.
+    pub destination_org: Option<String>,
     pub sort: Vec<SortKey>,
     pub limit: u32,
     pub offset: u64,
+    /// Parameter names ignored (see [`QueryPairs::ignored`]); never forwarded.
+    pub ignored: Vec<String>,
 }
 
 impl Default for TaskQuery {
@@ -201,24 +244,30 @@ impl Default for TaskQuery {
             user: None,
             states: Vec::new(),
             workflow_type: None,
-            resource_type: None,
+            resource_types: Vec::new(),
             resource_id: None,
             resource_name: None,
             start_time_before: None,
             start_time_after: None,
             end_time_before: None,
             end_time_after: None,
+            source_org: None,
+            destination_org: None,
             sort: vec![SortKey {
                 field: SortField::StartTime,
                 descending: true,
             }],
             limit: DEFAULT_LIMIT,
             offset: 0,
+            ignored: Vec::new(),
         }
     }
 }
 
-const QUERY_PARAMS: [&str; 15] = [
+/// The parameters the original API documents as lists: a comma list, or the name repeated.
+const LIST_PARAMS: [&str; 4] = ["ids", "state", "resourceType", "sort"];
+
+const QUERY_PARAMS: [&str; 17] = [
     "site",
     "ids",
     "user",
@@ -231,6 +280,8 @@ const QUERY_PARAMS: [&str; 15] = [
     "startTimeAfter",
     "endTimeBefore",
     "endTimeAfter",
+    "sourceOrg",
+    "destinationOrg",
     "sort",
     "limit",
     "offset",
@@ -239,7 +290,9 @@ const QUERY_PARAMS: [&str; 15] = [
 impl TaskQuery {
     pub fn parse(raw: Option<&str>) -> Result<Self, ModelError> {
         let mut q = TaskQuery::default();
-        for (name, value) in parse_pairs(raw, &QUERY_PARAMS)? {
+        let parsed = parse_pairs(raw, &QUERY_PARAMS, &LIST_PARAMS)?;
+        q.ignored = parsed.ignored;
+        for (name, value) in parsed.pairs {
             match name.as_str() {
                 "site" => q.site = Some(value),
                 "ids" => q.ids = parse_ids(&value)?,
@@ -249,13 +302,15 @@ impl TaskQuery {
                 }
                 "state" => q.states = parse_states(&value)?,
                 "type" => q.workflow_type = Some(text_filter(&name, value)?),
-                "resourceType" => q.resource_type = Some(text_filter(&name, value)?),
+                "resourceType" => q.resource_types = parse_text_list(&name, &value)?,
                 "resourceId" => q.resource_id = Some(text_filter(&name, value)?),
                 "resourceName" => q.resource_name = Some(text_filter(&name, value)?),
                 "startTimeBefore" => q.start_time_before = Some(parse_time(&name, &value)?),
                 "startTimeAfter" => q.start_time_after = Some(parse_time(&name, &value)?),
                 "endTimeBefore" => q.end_time_before = Some(parse_time(&name, &value)?),
                 "endTimeAfter" => q.end_time_after = Some(parse_time(&name, &value)?),
+                "sourceOrg" => q.source_org = Some(text_filter(&name, value)?),
+                "destinationOrg" => q.destination_org = Some(text_filter(&name, value)?),
                 "sort" => q.sort = parse_sort(&value)?,
                 "limit" => q.limit = parse_limit(&value)?,
                 "offset" => q.offset = parse_offset(&value)?,
@@ -304,11 +359,15 @@ fn form_urlencoded_pairs(q: &TaskQuery) -> Vec<(String, String)> {
                 .join(","),
         );
     }
+    if !q.resource_types.is_empty() {
+        push("resourceType", q.resource_types.join(","));
+    }
     for (k, v) in [
         ("type", &q.workflow_type),
-        ("resourceType", &q.resource_type),
         ("resourceId", &q.resource_id),
         ("resourceName", &q.resource_name),
+        ("sourceOrg", &q.source_org),
+        ("destinationOrg", &q.destination_org),
     ] {
         if let Some(v) = v {
             push(k, v.clone());
@@ -351,6 +410,32 @@ fn form_urlencoded_pairs(q: &TaskQuery) -> Vec<(String, String)> {
 fn text_filter(name: &str, value: String) -> Result<String, ModelError> {
     crate::task::validate_text(name, &value)?;
     Ok(value)
+}
+
+/// The most values a text list filter (`resourceType`) may hold.
+pub const MAX_LIST_VALUES: usize = 100;
+
+/// A comma list of text values (`resourceType=replication,vmReplication`), each checked as a
+/// stored value is and kept once; empty entries are left out.
+fn parse_text_list(name: &str, raw: &str) -> Result<Vec<String>, ModelError> {
+    let mut values: Vec<String> = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        crate::task::validate_text(name, part)?;
+        if !values.iter().any(|v| v == part) {
+            if values.len() == MAX_LIST_VALUES {
+                return Err(ModelError::invalid(format!(
+                    "{name} may list at most {MAX_LIST_VALUES} values"
+                )));
+            }
+            values.push(part.to_owned());
+        }
+    }
+    if values.is_empty() {
+        return Err(ModelError::invalid(format!(
+            "{name} must name at least one value"
+        )));
+    }
+    Ok(values)
 }
 
 /// A comma list of states, each kept once: there are only three, and a list repeating them
@@ -474,8 +559,9 @@ mod tests {
             "ids=not-a-uuid",
             "startTimeBefore=yesterday",
             "endTimeAfter=-3",
-            "stat=RUNNING",
             "limit=1&limit=2",
+            "resourceType=,",
+            "resourceType=a%00,b",
             "user=bad%20name",
             "type=sync%00",
             "resourceName=a%0Ab",
@@ -489,6 +575,43 @@ mod tests {
     }
 
     #[test]
+    fn unknown_names_are_ignored_and_reported_but_known_values_stay_strict() {
+        let q = TaskQuery::parse(Some("stat=RUNNING&operationID=Powershell__1&limit=5")).unwrap();
+        assert_eq!(q.limit, 5);
+        assert!(q.states.is_empty());
+        assert_eq!(q.ignored, vec!["stat", "operationID"]);
+        assert!(TaskQuery::parse(Some("operationID=x&limit=abc")).is_err());
+        // The report is bounded however many names are sent.
+        let many: Vec<String> = (0..100).map(|i| format!("p{i}=1")).collect();
+        let q = TaskQuery::parse(Some(&many.join("&"))).unwrap();
+        assert_eq!(q.ignored.len(), MAX_IGNORED_NAMES);
+    }
+
+    #[test]
+    fn list_filters_take_comma_lists_and_repeated_names() {
+        // What the PowerShell module sends: PowerShell's encoding of the commas.
+        let q = TaskQuery::parse(Some(
+            "offset=0&limit=100&resourceType=replication%2CvmReplication%2cvappReplication",
+        ))
+        .unwrap();
+        assert_eq!(
+            q.resource_types,
+            vec!["replication", "vmReplication", "vappReplication"]
+        );
+        let q = TaskQuery::parse(Some(
+            "resourceType=a&resourceType=b,a&state=RUNNING&state=FAILED",
+        ))
+        .unwrap();
+        assert_eq!(q.resource_types, vec!["a", "b"]);
+        assert_eq!(q.states, vec![TaskState::Running, TaskState::Failed]);
+        let q = TaskQuery::parse(Some("sourceOrg=Org1&destinationOrg=Org%202")).unwrap();
+        assert_eq!(q.source_org.as_deref(), Some("Org1"));
+        assert_eq!(q.destination_org.as_deref(), Some("Org 2"));
+        let q = TaskQuery::parse(Some("sort=sourceOrg,startTime-")).unwrap();
+        assert_eq!(q.sort[0].field, SortField::SourceOrg);
+    }
+
+    #[test]
     fn repeated_states_are_kept_once() {
         let raw = format!("state={}", ["RUNNING", "FAILED"].repeat(3000).join(","));
         let q = TaskQuery::parse(Some(&raw)).unwrap();
@@ -497,7 +620,7 @@ mod tests {
 
     #[test]
     fn forwarding_round_trips_without_site() {
-        let q = TaskQuery::parse(Some("site=site2&state=RUNNING&limit=7&sort=-progress&ids=f61d60d2-698a-46dc-a266-88df27644956")).unwrap();
+        let q = TaskQuery::parse(Some("site=site2&state=RUNNING&limit=7&sort=-progress&ids=f61d60d2-698a-46dc-a266-88df27644956&resourceType=a,b&sourceOrg=o1&destinationOrg=o2")).unwrap();
         let s = q.to_query_string_without_site();
         assert!(!s.contains("site="));
         let mut back = TaskQuery::parse(Some(&s)).unwrap();
@@ -508,11 +631,13 @@ mod tests {
     #[test]
     fn site_only() {
         assert_eq!(
-            parse_site_only(Some("site=site1")).unwrap().as_deref(),
+            parse_site_only(Some("site=site1")).unwrap().site.as_deref(),
             Some("site1")
         );
-        assert_eq!(parse_site_only(None).unwrap(), None);
-        assert!(parse_site_only(Some("limit=1")).is_err());
+        assert_eq!(parse_site_only(None).unwrap().site, None);
+        let ignored = parse_site_only(Some("limit=1&operationID=x")).unwrap();
+        assert_eq!(ignored.site, None);
+        assert_eq!(ignored.ignored, vec!["limit", "operationID"]);
     }
 
     #[test]

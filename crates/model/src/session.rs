@@ -75,6 +75,10 @@ pub struct RemoteSession {
     pub site: String,
     pub user: String,
     pub token: String,
+    /// The organisation the session acts in at that site (`org` of a `multisite` extension,
+    /// else what the peer reported). Absent in sessions stored before it was kept.
+    #[serde(default)]
+    pub org: Option<String>,
 }
 
 impl std::fmt::Debug for RemoteSession {
@@ -83,33 +87,61 @@ impl std::fmt::Debug for RemoteSession {
             .field("site", &self.site)
             .field("user", &self.user)
             .field("token", &"<redacted>")
+            .field("org", &self.org)
             .finish()
     }
 }
 
-/// `POST /sessions/extend` body.
+/// `POST /sessions/extend` body, in the original API's field names (`vcdUsername`,
+/// `vcdPassword`); `vcdUser` (which a public client sends) and `username`/`password` are
+/// accepted too.
 #[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 pub enum ExtendRequest {
     /// Log in at the peer with that peer's credentials.
+    #[serde(rename_all = "camelCase")]
     Credentials {
         #[schema(min_length = 1)]
         site: String,
-        username: String,
-        password: String,
+        #[serde(alias = "vcdUser", alias = "username")]
+        vcd_username: String,
+        #[serde(alias = "password")]
+        vcd_password: String,
     },
     /// Ask the peer for a session for the same user name; granted only if the peer trusts this
-    /// site to assert identities.
+    /// site to assert identities. `org` is the organisation to act in there.
     Multisite {
         #[schema(min_length = 1)]
         site: String,
+        #[serde(default)]
+        org: Option<String>,
     },
+    /// The original's extension with a vCloud Director session cookie: recognised, so the
+    /// answer can name what is supported (sitegate sites have no vCloud Director).
+    Cookie(UnsupportedExtension),
+    /// The original's extension with a vCloud Director access token: recognised, refused.
+    VcdAccessToken(UnsupportedExtension),
+}
+
+/// The fields of an extension kind sitegate recognises but does not support, read and
+/// dropped unseen (they hold a vCloud Director cookie or token).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, utoipa::ToSchema)]
+pub struct UnsupportedExtension;
+
+impl<'de> Deserialize<'de> for UnsupportedExtension {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| UnsupportedExtension)
+    }
 }
 
 impl ExtendRequest {
-    pub fn site(&self) -> &str {
+    /// The peer named, for the kinds sitegate supports.
+    pub fn site(&self) -> Option<&str> {
         match self {
-            ExtendRequest::Credentials { site, .. } | ExtendRequest::Multisite { site } => site,
+            ExtendRequest::Credentials { site, .. } | ExtendRequest::Multisite { site, .. } => {
+                Some(site)
+            }
+            ExtendRequest::Cookie(_) | ExtendRequest::VcdAccessToken(_) => None,
         }
     }
 }
@@ -117,15 +149,21 @@ impl ExtendRequest {
 impl std::fmt::Debug for ExtendRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ExtendRequest::Credentials { site, username, .. } => f
+            ExtendRequest::Credentials {
+                site, vcd_username, ..
+            } => f
                 .debug_struct("Credentials")
                 .field("site", site)
-                .field("username", username)
-                .field("password", &"<redacted>")
+                .field("vcd_username", vcd_username)
+                .field("vcd_password", &"<redacted>")
                 .finish(),
-            ExtendRequest::Multisite { site } => {
-                f.debug_struct("Multisite").field("site", site).finish()
-            }
+            ExtendRequest::Multisite { site, org } => f
+                .debug_struct("Multisite")
+                .field("site", site)
+                .field("org", org)
+                .finish(),
+            ExtendRequest::Cookie(_) => f.write_str("Cookie(<redacted>)"),
+            ExtendRequest::VcdAccessToken(_) => f.write_str("VcdAccessToken(<redacted>)"),
         }
     }
 }
@@ -141,7 +179,14 @@ pub struct MultisiteSessionRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuthenticatedSite {
     pub site: String,
+    /// The organisation the session acts in at that site, as the original names it.
+    #[serde(default)]
+    pub org: String,
 }
+
+/// The organisation of a user whose users-file entry names none: vCloud Director's name for
+/// the provider organisation, which the original's appliance-local users act in.
+pub const DEFAULT_ORG: &str = "System";
 
 /// Session details, the body of `POST /sessions` and `GET /sessions`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -159,6 +204,9 @@ pub struct UserEntry {
     pub name: String,
     pub roles: Vec<Role>,
     pub password_hash: String,
+    /// The organisation the user acts in (session details' `org`); default [`DEFAULT_ORG`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
 }
 
 /// The users file: `[[user]]` tables.
@@ -225,31 +273,66 @@ mod tests {
             roles: vec![Role::User],
             authenticated_sites: vec![AuthenticatedSite {
                 site: "site1".into(),
+                org: "Org1".into(),
             }],
         };
         assert_eq!(
             serde_json::to_value(&d).unwrap(),
-            serde_json::json!({"user":"alice","roles":["user"],"authenticatedSites":[{"site":"site1"}]})
+            serde_json::json!({"user":"alice","roles":["user"],"authenticatedSites":[{"site":"site1","org":"Org1"}]})
         );
     }
 
     #[test]
     fn extend_bodies() {
-        let c: ExtendRequest = serde_json::from_str(
+        // The original's documented fields, the spelling a public client uses, and ours.
+        for body in [
+            r#"{"type":"credentials","site":"site2","vcdUsername":"a","vcdPassword":"secret"}"#,
+            r#"{"type":"credentials","site":"site2","vcdUser":"a","vcdPassword":"secret"}"#,
             r#"{"type":"credentials","site":"site2","username":"a","password":"secret"}"#,
-        )
-        .unwrap();
-        assert_eq!(c.site(), "site2");
-        assert!(!format!("{c:?}").contains("secret"));
+        ] {
+            let c: ExtendRequest = serde_json::from_str(body).unwrap();
+            assert_eq!(c.site(), Some("site2"));
+            let ExtendRequest::Credentials {
+                vcd_username,
+                vcd_password,
+                ..
+            } = &c
+            else {
+                panic!("{body}: {c:?}");
+            };
+            assert_eq!(
+                (vcd_username.as_str(), vcd_password.as_str()),
+                ("a", "secret")
+            );
+            assert!(!format!("{c:?}").contains("secret"));
+        }
+        let m: ExtendRequest =
+            serde_json::from_str(r#"{"type":"multisite","site":"site3","org":"Org1"}"#).unwrap();
+        assert_eq!(m.site(), Some("site3"));
+        assert!(matches!(m, ExtendRequest::Multisite { org: Some(ref o), .. } if o == "Org1"));
         let m: ExtendRequest =
             serde_json::from_str(r#"{"type":"multisite","site":"site3"}"#).unwrap();
-        assert_eq!(m.site(), "site3");
+        assert!(matches!(m, ExtendRequest::Multisite { org: None, .. }));
+        // Recognised but unsupported kinds parse, so the gateway can say what is supported.
+        for body in [
+            r#"{"type":"cookie","site":"s","cookie":"abc"}"#,
+            r#"{"type":"vcdAccessToken","site":"s","vcdAccessToken":"abc"}"#,
+        ] {
+            let e: ExtendRequest = serde_json::from_str(body).unwrap();
+            assert_eq!(e.site(), None);
+            assert!(!format!("{e:?}").contains("abc"));
+        }
         assert!(serde_json::from_str::<ExtendRequest>(r#"{"type":"multisite"}"#).is_err());
         assert!(serde_json::from_str::<ExtendRequest>(r#"{"type":"x","site":"a"}"#).is_err());
+        assert!(serde_json::from_str::<ExtendRequest>(
+            r#"{"type":"credentials","site":"a","vcdUsername":"u","vcdPassword":"p","extra":1}"#
+        )
+        .is_err());
         let r = RemoteSession {
             site: "s".into(),
             user: "u".into(),
             token: "tok123".into(),
+            org: None,
         };
         assert!(!format!("{r:?}").contains("tok123"));
     }

@@ -78,6 +78,11 @@ pub struct SiteInfo {
     /// When this site's own peer-link certificate expires (local site only), epoch ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_expiry: Option<i64>,
+    /// What is wrong with this site's own certificate (local site only): a reload that was
+    /// refused while the previous certificate stays in use, or a certificate in use that
+    /// peers will refuse (it does not chain to the CA or is not valid now). Absent when fine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_error: Option<ErrorEnvelope>,
 }
 
 /// The state of the circuit breaker in front of a peer.
@@ -146,6 +151,7 @@ mod tests {
             state: SiteState::default(),
             link: None,
             certificate_expiry: None,
+            certificate_error: None,
         };
         assert_eq!(
             serde_json::to_value(&info).unwrap(),

@@ -85,6 +85,13 @@ pub struct Task {
     pub warnings: Vec<ErrorEnvelope>,
     #[serde(default)]
     pub workflow_info: WorkflowInfo,
+    /// The organisation the task concerns at its source, when its writer named one (the
+    /// original's `sourceOrg` filter). Sent only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_org: Option<String>,
+    /// The organisation at the task's destination (the `destinationOrg` filter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_org: Option<String>,
 }
 
 /// The column order of `POST /tasks/poll` answers.
@@ -133,6 +140,11 @@ impl Task {
 pub struct TaskList {
     pub items: Vec<Task>,
     pub total: u64,
+    /// The page asked for, echoed as the original API does (clients page with them).
+    #[serde(default)]
+    pub limit: u32,
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// `POST /tasks/poll` answer: columnar, one row per visible task in the order asked.
@@ -197,6 +209,9 @@ pub const MAX_FIELD_LEN: usize = 256;
 /// The most warnings one patch may append, and the most a task may hold.
 pub const MAX_WARNINGS_PER_PATCH: usize = 100;
 pub const MAX_WARNINGS_PER_TASK: usize = 1000;
+/// The most bytes a task may take as JSON (with its result and warnings): a write that would
+/// make it larger is refused. Bounds what a page of tasks holds in memory.
+pub const MAX_TASK_BYTES: usize = 256 * 1024;
 
 /// A short text field of a task (workflow fields, `resultType`): at most [`MAX_FIELD_LEN`]
 /// bytes and no control characters, so it is safe in every store, log line and header.
@@ -220,6 +235,14 @@ pub struct NewTask {
     #[serde(deserialize_with = "strict::workflow_info")]
     #[schema(value_type = strict::StrictWorkflowInfo)]
     pub workflow_info: WorkflowInfo,
+    /// The organisation the task concerns at its source (filter `sourceOrg`).
+    #[serde(default)]
+    #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    pub source_org: Option<String>,
+    /// The organisation at the task's destination (filter `destinationOrg`, admins only).
+    #[serde(default)]
+    #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    pub destination_org: Option<String>,
 }
 
 impl NewTask {
@@ -234,6 +257,8 @@ impl NewTask {
             ("workflowInfo.resourceType", wf.resource_type.as_ref()),
             ("workflowInfo.resourceId", wf.resource_id.as_ref()),
             ("workflowInfo.resourceName", wf.resource_name.as_ref()),
+            ("sourceOrg", self.source_org.as_ref()),
+            ("destinationOrg", self.destination_org.as_ref()),
         ] {
             if let Some(v) = value {
                 validate_text(name, v)?;
@@ -452,6 +477,8 @@ mod tests {
                 resource_id: None,
                 resource_name: None,
             },
+            source_org: None,
+            destination_org: None,
         }
     }
 

@@ -20,6 +20,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub struct GetOneQuery {
     pub site: Option<String>,
     pub wait: Option<Wait>,
+    /// Parameter names ignored (see `query::QueryPairs::ignored`).
+    pub ignored: Vec<String>,
 }
 
 /// Answer once the task's `lastUpdated` is after `last_updated`, or after `timeout`.
@@ -31,7 +33,12 @@ pub struct Wait {
 
 impl GetOneQuery {
     pub fn parse(raw: Option<&str>) -> Result<GetOneQuery, ModelError> {
-        let pairs = parse_pairs(raw, &["site", "waitForChange", "timeout", "lastUpdated"])?;
+        let parsed = parse_pairs(
+            raw,
+            &["site", "waitForChange", "timeout", "lastUpdated"],
+            &[],
+        )?;
+        let pairs = &parsed.pairs;
         let get = |name: &str| {
             pairs
                 .iter()
@@ -83,6 +90,7 @@ impl GetOneQuery {
         Ok(GetOneQuery {
             site: get("site").map(str::to_owned),
             wait,
+            ignored: parsed.ignored.clone(),
         })
     }
 

@@ -22,8 +22,8 @@ use uuid::Uuid;
 use sitegate_model::error::ErrorEnvelope;
 use sitegate_model::operation::{derive_trace_id, OperationId, MAX_OPERATION_ID_LEN};
 use sitegate_model::query::{
-    parse_site_only, SortField, SortKey, TaskQuery, DEFAULT_LIMIT, MAX_IDS_FILTER, MAX_LIMIT,
-    MAX_QUERY_LEN,
+    parse_site_only, SiteQuery, SortField, SortKey, TaskQuery, DEFAULT_LIMIT, MAX_IDS_FILTER,
+    MAX_LIMIT, MAX_QUERY_LEN,
 };
 use sitegate_model::session::{ExtendRequest, LoginRequest, MultisiteSessionRequest};
 use sitegate_model::task::{
@@ -64,7 +64,7 @@ fn assert_refused<T: std::fmt::Debug>(
 // ---------------------------------------------------------------------------------------------
 // Generators shared by several properties.
 
-const QUERY_PARAMS: [&str; 15] = [
+const QUERY_PARAMS: [&str; 17] = [
     "site",
     "ids",
     "user",
@@ -77,10 +77,14 @@ const QUERY_PARAMS: [&str; 15] = [
     "startTimeAfter",
     "endTimeBefore",
     "endTimeAfter",
+    "sourceOrg",
+    "destinationOrg",
     "sort",
     "limit",
     "offset",
 ];
+/// The parameters that may repeat (their values join as one comma list).
+const LIST_PARAMS: [&str; 4] = ["ids", "state", "resourceType", "sort"];
 
 const SORT_FIELDS: [(&str, SortField); 11] = [
     ("startTime", SortField::StartTime),
@@ -286,7 +290,10 @@ fn valid_query() -> impl Strategy<Value = ValidQuery> {
         option::of(user_name()),
         option::of(states_spec()),
         option::of(text_value()),
-        option::of(text_value()),
+        // One resource type: a list entry is trimmed and split at commas.
+        option::of(text_value().prop_filter("one list entry", |v| {
+            !v.is_empty() && !v.contains(',') && v.trim() == v
+        })),
         option::of(text_value()),
         option::of(text_value()),
     );
@@ -323,9 +330,12 @@ fn valid_query() -> impl Strategy<Value = ValidQuery> {
                 add("state", spelled);
                 expected.states = states;
             }
+            if let Some(v) = res_type {
+                add("resourceType", v.clone());
+                expected.resource_types = vec![v];
+            }
             for (name, value, slot) in [
                 ("type", wf_type, &mut expected.workflow_type),
-                ("resourceType", res_type, &mut expected.resource_type),
                 ("resourceId", res_id, &mut expected.resource_id),
                 ("resourceName", res_name, &mut expected.resource_name),
             ] {
@@ -524,7 +534,13 @@ proptest! {
             Ok(q) => {
                 let forwarded = q.to_query_string_without_site();
                 let again = TaskQuery::parse(Some(&forwarded));
-                prop_assert_eq!(again, Ok(TaskQuery { site: None, ..q }), "via {:?}", forwarded);
+                // Ignored names are not forwarded: the peer sees only what this site used.
+                prop_assert_eq!(
+                    again,
+                    Ok(TaskQuery { site: None, ignored: Vec::new(), ..q }),
+                    "via {:?}",
+                    forwarded
+                );
             }
             Err(e) => assert_refused::<()>(Err(e), &raw)?,
         }
@@ -571,22 +587,38 @@ proptest! {
     }
 
     #[test]
-    fn unknown_and_repeated_names_are_refused(
+    fn unknown_names_are_ignored_and_repeated_single_names_refused(
         query in valid_query().prop_filter("has a pair", |q| !q.pairs.is_empty()),
         unknown in "[a-zA-Z]{1,12}".prop_filter("not a parameter", |n| !QUERY_PARAMS.contains(&n.as_str())),
+        position in any::<prop::sample::Index>(),
         repeated in any::<prop::sample::Index>(),
         value in ".{0,10}",
     ) {
+        // As the original API: an unknown name changes nothing, and is reported.
         let mut with_unknown = query.pairs.clone();
-        with_unknown.push((unknown, value.clone()));
+        with_unknown.insert(position.index(with_unknown.len() + 1), (unknown.clone(), value.clone()));
         let raw = raw_query(&with_unknown, &[], false);
-        assert_refused(TaskQuery::parse(Some(&raw)), &raw)?;
+        let parsed = TaskQuery::parse(Some(&raw));
+        prop_assert!(parsed.is_ok(), "{raw}: {parsed:?}");
+        let mut parsed = parsed.unwrap();
+        prop_assert_eq!(&parsed.ignored, &vec![unknown.clone()]);
+        parsed.ignored.clear();
+        prop_assert_eq!(parsed, query.expected.clone());
 
-        // A parameter given twice is refused even when both values are valid (or equal).
-        let mut twice = query.pairs.clone();
-        twice.push(repeated.get(&query.pairs).clone());
-        let raw = raw_query(&twice, &[], false);
-        assert_refused(TaskQuery::parse(Some(&raw)), &raw)?;
+        // A single-valued parameter given twice is refused even when both values are valid
+        // (or equal): only one of them could be used.
+        let singles: Vec<(String, String)> = query
+            .pairs
+            .iter()
+            .filter(|(n, _)| !LIST_PARAMS.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        if !singles.is_empty() {
+            let mut twice = query.pairs.clone();
+            twice.push(repeated.get(&singles).clone());
+            let raw = raw_query(&twice, &[], false);
+            assert_refused(TaskQuery::parse(Some(&raw)), &raw)?;
+        }
     }
 
     /// A value whose percent-encoding does not decode to UTF-8 is not a filter anyone can mean:
@@ -617,9 +649,12 @@ proptest! {
         other in prop::sample::select(QUERY_PARAMS[1..].to_vec()),
     ) {
         let raw = format!("site={}", encode_component(&site, every_byte));
-        prop_assert_eq!(parse_site_only(Some(&raw)), Ok(Some(site.clone())));
+        prop_assert_eq!(parse_site_only(Some(&raw)).map(|q| q.site), Ok(Some(site.clone())));
+        // Another endpoint's parameter is ignored here, as the original ignores unknown names.
         let raw = format!("{raw}&{other}=1");
-        assert_refused(parse_site_only(Some(&raw)), &raw)?;
+        let parsed = parse_site_only(Some(&raw));
+        prop_assert_eq!(parsed.clone().map(|q| q.site), Ok(Some(site.clone())), "{}", raw);
+        prop_assert_eq!(parsed.map(|q| q.ignored), Ok(vec![other.to_owned()]));
     }
 }
 
@@ -629,7 +664,7 @@ fn absent_and_empty_queries_are_the_defaults() {
         let q = TaskQuery::parse(raw).expect("an empty query is valid");
         assert_eq!(q, TaskQuery::default(), "{raw:?}");
         assert_eq!(q.limit, DEFAULT_LIMIT);
-        assert_eq!(parse_site_only(raw), Ok(None), "{raw:?}");
+        assert_eq!(parse_site_only(raw), Ok(SiteQuery::default()), "{raw:?}");
     }
 }
 
@@ -692,6 +727,8 @@ fn new_task() -> impl Strategy<Value = NewTask> {
                     resource_id,
                     resource_name,
                 },
+                source_org: None,
+                destination_org: None,
             },
         )
 }
@@ -1088,25 +1125,30 @@ proptest! {
         secret in "[a-z0-9]{16}",
     ) {
         let password = format!("pw-{secret}");
-        let body = json!({"type": "credentials", "site": site, "username": user, "password": password});
-        let extend: ExtendRequest = serde_json::from_value(body)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(extend.site(), site.as_str());
-        let shown = format!("{extend:?}");
-        prop_assert!(!shown.contains(&password), "{}", shown);
-        match &extend {
-            ExtendRequest::Credentials { username, password: p, .. } => {
-                prop_assert_eq!(username, &user);
-                prop_assert_eq!(p, &password);
+        // The original's field names and the aliases parse alike.
+        for (user_field, password_field) in
+            [("vcdUsername", "vcdPassword"), ("vcdUser", "vcdPassword"), ("username", "password")]
+        {
+            let body = json!({"type": "credentials", "site": site, user_field: user, password_field: password});
+            let extend: ExtendRequest = serde_json::from_value(body)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(extend.site(), Some(site.as_str()));
+            let shown = format!("{extend:?}");
+            prop_assert!(!shown.contains(&password), "{}", shown);
+            match &extend {
+                ExtendRequest::Credentials { vcd_username, vcd_password, .. } => {
+                    prop_assert_eq!(vcd_username, &user);
+                    prop_assert_eq!(vcd_password, &password);
+                }
+                other => prop_assert!(false, "parsed as {:?}", other),
             }
-            other => prop_assert!(false, "parsed as {:?}", other),
         }
 
         let extend: ExtendRequest = serde_json::from_value(json!({"type": "multisite", "site": site}))
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let is_multisite = matches!(&extend, ExtendRequest::Multisite { .. });
         prop_assert!(is_multisite);
-        prop_assert_eq!(extend.site(), site.as_str());
+        prop_assert_eq!(extend.site(), Some(site.as_str()));
 
         let multisite = MultisiteSessionRequest { user: user.clone() };
         let bytes = serde_json::to_vec(&multisite).expect("serializes");

@@ -405,7 +405,7 @@ pub async fn extend(
     let body = match user {
         Some(user) => {
             let password = read_password(password_stdin)?;
-            serde_json::json!({"type": "credentials", "site": site, "username": user, "password": password})
+            serde_json::json!({"type": "credentials", "site": site, "vcdUsername": user, "vcdPassword": password})
         }
         None => serde_json::json!({"type": "multisite", "site": site}),
     };

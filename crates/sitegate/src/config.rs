@@ -140,6 +140,7 @@ pub fn dev_users(password: &str) -> Result<UsersFile, String> {
             name: name.to_owned(),
             roles: vec![role],
             password_hash: sitegate_gateway::auth::hash_password(password)?,
+            org: None,
         });
     }
     Ok(UsersFile { users })

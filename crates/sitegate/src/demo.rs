@@ -27,8 +27,37 @@ pub struct DemoArgs {
 
 const MARKER: &str = ".sitegate-demo";
 const SITES: [&str; 2] = ["site1", "site2"];
+const LOG_FILE: &str = "sitegate.log";
+
+/// Every port the demo will bind (site k: client P+2k, peer link P+2k+1), checked before any
+/// file is written, so a taken port is a sentence naming it rather than a bind error.
+fn ports_free(base: u16) -> Result<(), String> {
+    let last = u16::try_from(2 * SITES.len() - 1).map_err(|e| e.to_string())?;
+    if base.checked_add(last).is_none() {
+        return Err(format!(
+            "--base-port {base} leaves no room for {} ports",
+            last + 1
+        ));
+    }
+    for (k, site) in SITES.iter().enumerate() {
+        for (offset, what) in [(0, "client API"), (1, "peer link")] {
+            let port = base + 2 * k as u16 + offset;
+            if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return Err(format!(
+                    "port {port} (for {site}'s {what}) is not free: {e}.\n\
+                     The demo uses ports {base}-{end}; choose others with --base-port, e.g.\n  \
+                     cargo run --release -- demo --base-port {suggest}",
+                    end = base + last,
+                    suggest = base.saturating_add(1000),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 pub fn run(args: DemoArgs) -> Result<(), String> {
+    ports_free(args.base_port)?;
     prepare_dir(&args.dir)?;
     let init_args = crate::init::InitArgs {
         dir: args.dir.clone(),
@@ -39,14 +68,22 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     };
     crate::init::run(&init_args)?;
     std::fs::write(args.dir.join(MARKER), "").map_err(|e| e.to_string())?;
+    let log_path = args.dir.join(LOG_FILE);
+    let log_file = std::fs::File::create(&log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
     crate::runtime()?.block_on(async move {
-        let _telemetry = sitegate_gateway::telemetry::init(
+        // The sites log as `init` configures them (info, access log on), but to a file: the
+        // terminal shows task progress, and the file is where an operator finds a request by
+        // its operation ID.
+        let _telemetry = sitegate_gateway::telemetry::init_with_writer(
             &sitegate_model::config::LogConfig {
-                format: sitegate_model::config::LogFormat::Text,
-                level: "warn".into(),
+                format: sitegate_model::config::LogFormat::Json,
+                level: "info".into(),
             },
             &sitegate_model::config::TelemetryConfig::default(),
             "demo",
+            log_file,
+            false,
         )?;
         let mut apps = Vec::new();
         for site in SITES {
@@ -114,8 +151,11 @@ fn print_intro(args: &DemoArgs, apps: &[sitegate_gateway::Application]) {
          curl -s -H \"X-VCAV-Auth: $TOKEN\" -X POST http://{base}/sessions/extend -d '{{\"type\":\"multisite\",\"site\":\"{remote}\"}}'\n  \
          curl -s -H \"X-VCAV-Auth: $TOKEN\" 'http://{base}/tasks?site={remote}&state=RUNNING'\n  \
          curl -s -H \"X-VCAV-Auth: $TOKEN\" http://{base}/sites\n\n\
+         Every request's log lines (JSON) are in {log}; find one by the operationID you sent\n\
+         (curl -H 'operationID: my-op-42' ...), and its trace ID with `sitegate trace-id my-op-42`.\n\n\
          Task progress is printed below; Ctrl-C stops the demo.",
-        pw = args.password
+        pw = args.password,
+        log = args.dir.join(LOG_FILE).display(),
     );
 }
 
@@ -140,6 +180,8 @@ async fn simulate_service(store: Arc<dyn Store>, site: String) {
                     resource_id: Some(format!("vm-{n}")),
                     resource_name: Some(format!("app-server-{n}")),
                 },
+                source_org: None,
+                destination_org: None,
             };
             match store.create_task(new, &site).await {
                 Ok(outcome) => running.push(outcome.task().id),

@@ -112,6 +112,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                     name: other.clone(),
                     url: format!("https://127.0.0.1:{}", port(args.base_port, 2 * j + 1)?),
                     trust_multisite: true,
+                    trust_multisite_admin: false,
                     description: String::new(),
                 });
             }

@@ -71,6 +71,12 @@ enum Command {
         #[command(flatten)]
         client: client::ClientArgs,
     },
+    /// The trace ID that every site gives a request sent with this operationID (and no
+    /// traceparent): what to search a trace backend or the JSON logs' `trace_id` for.
+    TraceId {
+        /// The `operationID` header's value.
+        operation_id: String,
+    },
     /// Tasks: list, get, and watch one until it is final.
     Tasks {
         #[command(subcommand)]
@@ -162,6 +168,15 @@ fn pki(command: PkiCommand) -> Result<(), String> {
     Ok(())
 }
 
+fn trace_id(operation_id: &str) -> Result<(), String> {
+    let id = sitegate_model::operation::OperationId::parse(operation_id)
+        .map_err(|e| format!("not an operation ID: {e}"))?;
+    let trace = sitegate_model::operation::derive_trace_id(id.as_str());
+    let hex: String = trace.iter().map(|b| format!("{b:02x}")).collect();
+    println!("{hex}");
+    Ok(())
+}
+
 /// mimalloc: per-request allocations were about a sixth of a request's CPU with glibc's
 /// allocator, and it returns freed memory to the system sooner (lower RSS with many clients).
 #[global_allocator]
@@ -198,6 +213,7 @@ fn main() -> ExitCode {
         }),
         Command::Demo(args) => demo::run(args),
         Command::Pki(command) => pki(command),
+        Command::TraceId { operation_id } => trace_id(&operation_id),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

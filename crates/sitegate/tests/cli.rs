@@ -330,3 +330,26 @@ async fn demo_runs_tasks_that_make_progress() {
         .expect("the demo did not stop on SIGTERM");
     assert!(status.success(), "demo exit status {status}");
 }
+
+/// `sitegate demo` with one of its ports taken says which port and how to choose others, and
+/// writes nothing.
+#[test]
+fn the_demo_names_a_taken_port_and_the_way_out() {
+    let base = support::free_base_port(4);
+    let taken = std::net::TcpListener::bind(("127.0.0.1", base + 1)).expect("take a port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = support::command(dir.path());
+    cmd.args(["demo", "--base-port", &base.to_string(), "--dir", "demo"]);
+    let out = support::run_with_deadline(cmd, Duration::from_secs(30));
+    drop(taken);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "port {} (for site1's peer link) is not free",
+            base + 1
+        )) && stderr.contains("--base-port"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("demo").exists(), "nothing was written");
+}

@@ -761,6 +761,16 @@ async fn a_site_with_a_certificate_from_another_ca_is_refused_both_ways() {
 
     let site1 = fed.start("site1").await;
     let site3 = fed.start("site3").await;
+    // site3 serves its own users, and says at once that its peers will refuse it.
+    let admin3 = site3.login("admin").await;
+    let sites = site3.get("/sites", Some(&admin3)).await;
+    let problem = sites.expect(200, None)[0]["certificateError"]["msg"].clone();
+    assert!(
+        problem
+            .as_str()
+            .is_some_and(|m| m.contains("refused by peers")),
+        "{problem}"
+    );
     let task = create_tasks(&site3, &[new_task("alice", "sync", "vm", "vm-1", "web")]).await;
     let id = id_of(&task[0]);
 

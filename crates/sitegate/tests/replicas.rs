@@ -27,8 +27,6 @@ use support::{
     PASSWORD, POLL_INTERVAL,
 };
 
-/// Where HAProxy is (CI installs Debian's package); `SITEGATE_HAPROXY` overrides it.
-const HAPROXY: &str = "/usr/sbin/haproxy";
 /// The replicas' `limits.drain_delay_ms`: well above HAProxy's `inter x fall` (200 ms x 2).
 const DRAIN_DELAY_MS: u64 = 1500;
 /// The replicas' `limits.shutdown_grace_secs`.
@@ -134,19 +132,6 @@ async fn wait_ready(site: &Site, deadline: Duration) {
     .await
 }
 
-fn haproxy_binary() -> PathBuf {
-    let path = std::env::var_os("SITEGATE_HAPROXY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(HAPROXY));
-    assert!(
-        path.exists(),
-        "HAProxy not found at {} (install Debian's haproxy package, as CI does, or set \
-         SITEGATE_HAPROXY)",
-        path.display()
-    );
-    path
-}
-
 /// The HAProxy configuration: `deploy/haproxy.cfg`'s shape on free ports, with the health
 /// checks of this test (`inter 200ms fall 2 rise 2`), a stats listener (to see what HAProxy
 /// thinks of each replica) and logs on stderr of abnormal requests only (errors, retries,
@@ -222,7 +207,7 @@ struct ServerStats {
 
 impl Haproxy {
     async fn start(dir: &Path, servers: &[(&str, u16)]) -> Haproxy {
-        let binary = haproxy_binary();
+        let binary = support::haproxy_binary();
         let base = free_base_port(2);
         let (port, stats_port) = (base, base + 1);
         let cfg_path = dir.join("haproxy.cfg");

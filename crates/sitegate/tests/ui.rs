@@ -397,7 +397,7 @@ async fn the_dashboard_is_served_with_its_types_and_a_strict_policy() {
     site1
         .get("/ui/nope.js", None)
         .await
-        .expect(404, Some("BadUserInput"));
+        .expect(404, Some("NotFound"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -145,9 +145,10 @@ async fn remote_waiters_share_held_peer_requests_and_events_stream_to_the_end() 
     };
     let before = reads_at_site2().await;
 
-    // 40 identical blocking reads at site1 for site2's task, then one change at site2.
+    // 30 identical blocking reads at site1 for site2's task (within the 32 one user may hold
+    // by default), then one change at site2.
     let mut waiters = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..30 {
         let url = format!(
             "{}/tasks/{id}?site=site2&waitForChange=true&timeout=20s&lastUpdated={seen}",
             base(&site1)
@@ -183,7 +184,7 @@ async fn remote_waiters_share_held_peer_requests_and_events_stream_to_the_end() 
     let peer_reads = reads_at_site2().await - before;
     assert!(
         (1.0..=8.0).contains(&peer_reads),
-        "40 waiters should share a few held peer requests, site2 answered {peer_reads}"
+        "30 waiters should share a few held peer requests, site2 answered {peer_reads}"
     );
 
     // The event stream, across the peer link: every change, then the end.

@@ -165,6 +165,24 @@ CREATE INDEX tasks_user_type_start       ON tasks (user, wf_type, start_time);
 CREATE INDEX tasks_state_type_start      ON tasks (state, wf_type, start_time);
 ANALYZE;
 "#,
+    // The organisations a task concerns (the original's sourceOrg/destinationOrg filters).
+    r#"
+ALTER TABLE tasks ADD COLUMN source_org TEXT;
+ALTER TABLE tasks ADD COLUMN destination_org TEXT;
+CREATE INDEX tasks_source_org      ON tasks (source_org, start_time);
+CREATE INDEX tasks_destination_org ON tasks (destination_org, start_time);
+"#,
+    // Facts about the site itself; the instance ID is a random (version 4) UUID made here.
+    r#"
+CREATE TABLE site_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+INSERT INTO site_meta (key, value) VALUES ('instance_id',
+    lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' ||
+    substr(lower(hex(randomblob(2))), 2) || '-' ||
+    substr('89ab', 1 + (abs(random()) % 4), 1) || substr(lower(hex(randomblob(2))), 2) || '-' ||
+    lower(hex(randomblob(6))));
+"#,
+    // Sessions issued to a peer site, usable only by it (see SessionRecord::bound_peer).
+    r#"ALTER TABLE sessions ADD COLUMN bound_peer TEXT;"#,
 ];
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -485,6 +503,8 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         result: result.as_deref().map(parse_json).transpose()?,
         error: error.as_deref().map(parse_json).transpose()?,
         warnings: parse_json(&warnings)?,
+        source_org: row.get(16)?,
+        destination_org: row.get(17)?,
     })
 }
 
@@ -498,7 +518,8 @@ fn select_task(conn: &Connection, id: Uuid) -> Result<Option<Task>, StoreError> 
 
 fn insert_task(conn: &Connection, t: &Task) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO tasks ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+        "INSERT INTO tasks ({}) \
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
         Dialect::Sqlite.task_columns()
     ))?;
     stmt.execute(params![
@@ -518,6 +539,8 @@ fn insert_task(conn: &Connection, t: &Task) -> Result<(), StoreError> {
         t.result.as_ref().map(json_text).transpose()?,
         t.error.as_ref().map(json_text).transpose()?,
         json_text(&t.warnings)?,
+        t.source_org,
+        t.destination_org,
     ])?;
     Ok(())
 }
@@ -549,8 +572,9 @@ fn apply_patch(conn: &Connection, id: Uuid, patch: ValidPatch) -> Result<Task, S
 
 fn load_sessions(conn: &Connection) -> Result<DashMap<TokenHash, SessionRecord>, StoreError> {
     let map = DashMap::new();
-    let mut stmt = conn
-        .prepare("SELECT token_hash, user, roles, created, last_seen, extensions FROM sessions")?;
+    let mut stmt = conn.prepare(
+        "SELECT token_hash, user, roles, created, last_seen, extensions, bound_peer FROM sessions",
+    )?;
     let rows = stmt.query_map([], |r| {
         let hash: Vec<u8> = r.get(0)?;
         let roles: String = r.get(2)?;
@@ -562,10 +586,11 @@ fn load_sessions(conn: &Connection) -> Result<DashMap<TokenHash, SessionRecord>,
             r.get(3)?,
             r.get(4)?,
             extensions,
+            r.get::<_, Option<String>>(6)?,
         ))
     })?;
     for row in rows {
-        let (hash, user, roles, created, last_seen, extensions) = row?;
+        let (hash, user, roles, created, last_seen, extensions, bound_peer) = row?;
         let token_hash: TokenHash = hash
             .try_into()
             .map_err(|_| StoreError::Corrupt("a session key is not 32 bytes".into()))?;
@@ -580,6 +605,7 @@ fn load_sessions(conn: &Connection) -> Result<DashMap<TokenHash, SessionRecord>,
                 created,
                 last_seen,
                 extensions,
+                bound_peer,
             },
         );
     }
@@ -743,6 +769,18 @@ impl TaskStore for EmbeddedStore {
         })
         .await
     }
+
+    async fn instance_id(&self) -> Result<Uuid, StoreError> {
+        self.read("instance_id", |conn| {
+            let text: String = conn.query_row(
+                "SELECT value FROM site_meta WHERE key = 'instance_id'",
+                [],
+                |r| r.get(0),
+            )?;
+            Uuid::parse_str(&text).map_err(|_| StoreError::Corrupt(format!("instance id {text}")))
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -750,8 +788,8 @@ impl SessionStore for EmbeddedStore {
     async fn create_session(&self, s: SessionRecord) -> Result<(), StoreError> {
         self.write_session("create_session", move |conn| {
             conn.prepare_cached(
-                "INSERT INTO sessions (token_hash, user, roles, created, last_seen, extensions)
-                 VALUES (?1,?2,?3,?4,?5,?6)",
+                "INSERT INTO sessions (token_hash, user, roles, created, last_seen, extensions, bound_peer)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7)",
             )?
             .execute(params![
                 &s.token_hash[..],
@@ -759,7 +797,8 @@ impl SessionStore for EmbeddedStore {
                 roles_text(&s.roles),
                 s.created,
                 s.last_seen,
-                json_text(&s.extensions)?
+                json_text(&s.extensions)?,
+                s.bound_peer,
             ])?;
             Ok(((), vec![MirrorChange::Upsert(s)]))
         })

@@ -73,6 +73,10 @@ pub struct SessionRecord {
     pub last_seen: EpochMillis,
     /// Sessions held at peers on this user's behalf, at most one per site.
     pub extensions: Vec<RemoteSession>,
+    /// For a session issued to a peer site (`multisite`): that site. Such a session is usable
+    /// only over the peer link, by the site whose certificate it was issued to, so its token
+    /// alone (a copy of that site's database) opens nothing.
+    pub bound_peer: Option<String>,
 }
 
 /// The tasks of one site.
@@ -102,6 +106,10 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Succeeds when the store can serve reads and writes.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The site's instance ID: made once, when the store is created, and the same for every
+    /// replica sharing the store and across restarts and upgrades (`/diagnostics/about`).
+    async fn instance_id(&self) -> Result<Uuid, StoreError>;
 }
 
 /// The sessions of one site, shared by all its gateway replicas.
@@ -147,7 +155,7 @@ impl<T: TaskStore + SessionStore> Store for T {}
 /// warnings cap holds, times never go back, and finishing sets `endTime` (and progress 100 on
 /// success). The caller stores the result in the same transaction it read `task` in.
 pub fn patched(mut task: Task, patch: ValidPatch) -> Result<Task, StoreError> {
-    use sitegate_model::task::{Completion, TaskState, MAX_WARNINGS_PER_TASK};
+    use sitegate_model::task::{Completion, TaskState, MAX_TASK_BYTES, MAX_WARNINGS_PER_TASK};
     if task.state.is_final() {
         return Err(StoreError::TaskAlreadyFinal(task.id));
     }
@@ -156,8 +164,10 @@ pub fn patched(mut task: Task, patch: ValidPatch) -> Result<Task, StoreError> {
             "a task holds at most {MAX_WARNINGS_PER_TASK} warnings"
         )));
     }
-    // Clocks can step back; a task's times never do.
-    let now = now_millis().max(task.last_updated);
+    // Clocks can step back; a task's times never do. And every change gets a lastUpdated of
+    // its own, even two within one millisecond: a blocking read or an event stream holding
+    // the first must see the second as newer.
+    let now = now_millis().max(task.last_updated.saturating_add(1));
     if let Some(p) = patch.progress {
         task.progress = p;
     }
@@ -181,6 +191,14 @@ pub fn patched(mut task: Task, patch: ValidPatch) -> Result<Task, StoreError> {
         }
     }
     task.last_updated = now;
+    // A task is bounded by its encoded size, not only by its count of warnings: a page of
+    // tasks is held in memory whole, so every task must stay small.
+    let size = serde_json::to_vec(&task).map_or(usize::MAX, |v| v.len());
+    if size > MAX_TASK_BYTES {
+        return Err(StoreError::Rejected(format!(
+            "a task may be at most {MAX_TASK_BYTES} bytes as JSON; this write would make it {size}"
+        )));
+    }
     Ok(task)
 }
 
@@ -201,13 +219,18 @@ pub fn new_running_task(new: NewTask, site: &str) -> Task {
         error: None,
         warnings: Vec::new(),
         workflow_info: new.workflow_info,
+        source_org: new.source_org,
+        destination_org: new.destination_org,
     }
 }
 
 /// Whether a repeated create with `new` matches the stored `existing` task (idempotent) or
 /// contradicts it.
 pub fn same_creation(existing: &Task, new: &NewTask) -> bool {
-    existing.user == new.user && existing.workflow_info == new.workflow_info
+    existing.user == new.user
+        && existing.workflow_info == new.workflow_info
+        && existing.source_org == new.source_org
+        && existing.destination_org == new.destination_org
 }
 
 /// Roles as stored: a comma list.

@@ -84,6 +84,20 @@ CREATE INDEX tasks_user_type_start       ON tasks (user_name, wf_type, start_tim
 CREATE INDEX tasks_state_type_start      ON tasks (state, wf_type, start_time);
 ANALYZE tasks;
 "#,
+    // The organisations a task concerns (see the embedded store's migration 4).
+    r#"
+ALTER TABLE tasks ADD COLUMN source_org TEXT;
+ALTER TABLE tasks ADD COLUMN destination_org TEXT;
+CREATE INDEX tasks_source_org      ON tasks (source_org, start_time);
+CREATE INDEX tasks_destination_org ON tasks (destination_org, start_time);
+"#,
+    // Facts about the site itself (see the embedded store's migration 5).
+    r#"
+CREATE TABLE site_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO site_meta (key, value) VALUES ('instance_id', gen_random_uuid()::text);
+"#,
+    // Sessions issued to a peer site (see the embedded store's migration 6).
+    r#"ALTER TABLE sessions ADD COLUMN bound_peer TEXT;"#,
 ];
 
 /// A handle to a site's PostgreSQL store; cheap to clone (a connection pool).
@@ -248,6 +262,8 @@ fn task_from_row(row: &Row) -> Result<Task, StoreError> {
         result: result.as_deref().map(parse_json).transpose()?,
         error: error.as_deref().map(parse_json).transpose()?,
         warnings: parse_json(&warnings)?,
+        source_org: row.get(16),
+        destination_org: row.get(17),
     })
 }
 
@@ -291,7 +307,7 @@ impl TaskStore for PostgresStore {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(&format!(
-                    "INSERT INTO tasks ({}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)
+                    "INSERT INTO tasks ({}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)
                      ON CONFLICT (id) DO NOTHING",
                     Dialect::Postgres.task_columns()
                 ))
@@ -317,6 +333,8 @@ impl TaskStore for PostgresStore {
                         &task.result.as_ref().map(json_text).transpose()?,
                         &task.error.as_ref().map(json_text).transpose()?,
                         &json_text(&task.warnings)?,
+                        &task.source_org,
+                        &task.destination_org,
                     ],
                 )
                 .await
@@ -461,6 +479,19 @@ impl TaskStore for PostgresStore {
         })
         .await
     }
+
+    async fn instance_id(&self) -> Result<Uuid, StoreError> {
+        timed("instance_id", async {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT value FROM site_meta WHERE key = 'instance_id'", &[])
+                .await
+                .map_err(db)?;
+            let text: String = row.get(0);
+            Uuid::parse_str(&text).map_err(|_| StoreError::Corrupt(format!("instance id {text}")))
+        })
+        .await
+    }
 }
 
 async fn select_extensions(
@@ -499,8 +530,8 @@ impl SessionStore for PostgresStore {
             let client = self.client().await?;
             client
                 .execute(
-                    "INSERT INTO sessions (token_hash, user_name, roles, created, last_seen, extensions)
-                     VALUES ($1,$2,$3,$4,$5,$6)",
+                    "INSERT INTO sessions (token_hash, user_name, roles, created, last_seen, extensions, bound_peer)
+                     VALUES ($1,$2,$3,$4,$5,$6,$7)",
                     &[
                         &&s.token_hash[..],
                         &s.user,
@@ -508,6 +539,7 @@ impl SessionStore for PostgresStore {
                         &s.created,
                         &s.last_seen,
                         &json_text(&s.extensions)?,
+                        &s.bound_peer,
                     ],
                 )
                 .await
@@ -525,7 +557,7 @@ impl SessionStore for PostgresStore {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(
-                    "SELECT user_name, roles, created, last_seen, extensions FROM sessions
+                    "SELECT user_name, roles, created, last_seen, extensions, bound_peer FROM sessions
                      WHERE token_hash = $1",
                 )
                 .await
@@ -542,6 +574,7 @@ impl SessionStore for PostgresStore {
                     created: r.get(2),
                     last_seen: r.get(3),
                     extensions: parse_json(&r.get::<_, String>(4))?,
+                    bound_peer: r.get(5),
                 })
             })
             .transpose()

@@ -31,7 +31,8 @@ impl Dialect {
     pub fn task_columns(self) -> String {
         format!(
             "id, {}, site, state, progress, start_time, last_updated, end_time, wf_type, \
-             resource_type, resource_id, resource_name, result_type, result, error, warnings",
+             resource_type, resource_id, resource_name, result_type, result, error, warnings, \
+             source_org, destination_org",
             self.user_column()
         )
     }
@@ -58,6 +59,8 @@ fn sort_column(field: SortField, dialect: Dialect) -> &'static str {
         SortField::ResourceType => "resource_type",
         SortField::ResourceId => "resource_id",
         SortField::ResourceName => "resource_name",
+        SortField::SourceOrg => "source_org",
+        SortField::DestinationOrg => "destination_org",
     }
 }
 
@@ -85,14 +88,24 @@ pub fn filter(q: &TaskQuery, owner: Option<&str>, dialect: Dialect) -> Filter {
     }
     for (column, value) in [
         ("wf_type", &q.workflow_type),
-        ("resource_type", &q.resource_type),
         ("resource_id", &q.resource_id),
         ("resource_name", &q.resource_name),
+        ("source_org", &q.source_org),
+        ("destination_org", &q.destination_org),
     ] {
         if let Some(v) = value {
             let p = bind(SqlValue::Text(v.clone()), &mut params);
             clauses.push(format!("{column} = {p}"));
         }
+    }
+    // A list filter matches any of its values: exactly the union of one query per value.
+    if !q.resource_types.is_empty() {
+        let marks: Vec<String> = q
+            .resource_types
+            .iter()
+            .map(|t| bind(SqlValue::Text(t.clone()), &mut params))
+            .collect();
+        clauses.push(format!("resource_type IN ({})", marks.join(",")));
     }
     if !q.ids.is_empty() {
         let marks: Vec<String> = q

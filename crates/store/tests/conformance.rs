@@ -255,12 +255,15 @@ conformance!(
     update_task_success_without_result_and_with_progress,
     update_unknown_task_is_not_found,
     warnings_are_capped_per_task_atomically,
+    tasks_are_bounded_by_their_encoded_size,
     query_filters_match_an_independent_filter,
     query_sorts_with_id_tiebreak,
     query_paging_concatenates_to_the_full_list,
     query_every_sort_pages_with_total,
     query_text_sorts_bytewise_and_filters_exactly,
     query_unstorable_filter_values_match_nothing,
+    query_list_filters_are_the_union_of_single_filters,
+    query_org_filters_match_exactly_and_round_trip,
     completion_values_round_trip_exactly,
     query_total_and_items_agree_under_writes,
     query_owner_restricts_to_one_user,
@@ -282,6 +285,7 @@ conformance!(
     replicas_parallel_writers_all_land,
     replicas_share_sessions,
     data_survives_reopening,
+    instance_id_is_made_once_and_kept,
     store_handles_are_shared_clones,
 );
 
@@ -321,6 +325,8 @@ fn new_task(id: Option<Uuid>, user: &str, info: WorkflowInfo) -> NewTask {
         id,
         user: user.to_owned(),
         workflow_info: info,
+        source_org: None,
+        destination_org: None,
     }
 }
 
@@ -399,6 +405,8 @@ fn session(seed: u8, user: &str, roles: Vec<Role>, created: i64, last_seen: i64)
         created,
         last_seen,
         extensions: Vec::new(),
+        // Kept with the session: some are issued to a peer site.
+        bound_peer: seed.is_multiple_of(3).then(|| "site9".to_owned()),
     }
 }
 
@@ -407,6 +415,11 @@ fn remote(site: &str, user: &str, tok: &str) -> RemoteSession {
         site: site.to_owned(),
         user: user.to_owned(),
         token: tok.to_owned(),
+        // Kept with the session (sessions stored before it existed read it as absent).
+        org: site
+            .len()
+            .is_multiple_of(2)
+            .then(|| format!("org of {site}")),
     }
 }
 
@@ -446,6 +459,8 @@ fn compare(a: &Task, b: &Task, keys: &[SortKey]) -> Ordering {
                 .workflow_info
                 .resource_name
                 .cmp(&b.workflow_info.resource_name),
+            SortField::SourceOrg => a.source_org.cmp(&b.source_org),
+            SortField::DestinationOrg => a.destination_org.cmp(&b.destination_org),
         };
         let o = if key.descending { o.reverse() } else { o };
         if o != Ordering::Equal {
@@ -769,7 +784,10 @@ async fn update_task_progress_warnings_and_success(ctx: Ctx) {
     assert_eq!(t1.state, TaskState::Running);
     assert_eq!(t1.end_time, -1);
     assert_eq!(t1.start_time, t0.start_time);
-    assert!(t1.last_updated >= t0.last_updated);
+    assert!(
+        t1.last_updated > t0.last_updated,
+        "every change moves lastUpdated"
+    );
     assert_eq!(store.get_task(t0.id).await.unwrap().as_ref(), Some(&t1));
 
     let t2 = store
@@ -787,7 +805,10 @@ async fn update_task_progress_warnings_and_success(ctx: Ctx) {
         .unwrap();
     assert_eq!(t2.progress, 60);
     assert_eq!(t2.warnings, vec![w1.clone(), w2.clone(), w3.clone()]);
-    assert!(t2.last_updated >= t1.last_updated);
+    assert!(
+        t2.last_updated > t1.last_updated,
+        "every change moves lastUpdated"
+    );
     assert_eq!(store.get_task(t0.id).await.unwrap().as_ref(), Some(&t2));
 
     // A warnings-only patch leaves progress alone; progress may also go down.
@@ -953,6 +974,48 @@ async fn warnings_are_capped_per_task_atomically(ctx: Ctx) {
 // ---------------------------------------------------------------------------------------------
 
 type Pred = Box<dyn Fn(&Task) -> bool>;
+
+/// A write that would make a task larger than `MAX_TASK_BYTES` as JSON is refused and changes
+/// nothing; the writes before it stand.
+async fn tasks_are_bounded_by_their_encoded_size(ctx: Ctx) {
+    use sitegate_model::task::MAX_TASK_BYTES;
+    let store = ctx.store.clone();
+    let task = create(&store, "alice", wf("sync", None, None, None)).await;
+    let big = json!("x".repeat(MAX_TASK_BYTES));
+    let refused = store
+        .update_task(task.id, succeed(Some("string"), Some(big)))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Rejected(_))),
+        "{refused:?}"
+    );
+    assert_eq!(store.get_task(task.id).await.unwrap().as_ref(), Some(&task));
+    // Warnings that add up: each patch is small, the one that crosses the bound is refused.
+    let batch = |i: usize| {
+        warnings(
+            (0..50)
+                .map(|j| envelope("W", &format!("{i}-{j}-{}", "m".repeat(1500))))
+                .collect(),
+        )
+    };
+    let mut last = task.clone();
+    let mut refused_at = None;
+    for i in 0..10 {
+        match store.update_task(task.id, batch(i)).await {
+            Ok(t) => {
+                assert!(serde_json::to_vec(&t).unwrap().len() <= MAX_TASK_BYTES);
+                last = t;
+            }
+            Err(StoreError::Rejected(_)) => {
+                refused_at = Some(i);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused_at.is_some_and(|i| i > 0), "{refused_at:?}");
+    assert_eq!(store.get_task(task.id).await.unwrap().as_ref(), Some(&last));
+}
 
 async fn query_filters_match_an_independent_filter(ctx: Ctx) {
     let s = seed(ctx).await;
@@ -1457,6 +1520,168 @@ async fn query_text_sorts_bytewise_and_filters_exactly(ctx: Ctx) {
 /// A filter value that no stored task can hold (a control character, which task creation
 /// refuses, even NUL) simply matches nothing, if the query is accepted at all: an empty page
 /// and a total of 0, not a database error.
+/// `resourceType=a,b` (a list, as the original API's clients send it) answers exactly the
+/// tasks that `resourceType=a` and `resourceType=b` answer together, with the same total.
+async fn query_list_filters_are_the_union_of_single_filters(ctx: Ctx) {
+    let s = seed(ctx).await;
+    let ids = |q: &str| {
+        let store = s.store.clone();
+        let q = query(q);
+        async move {
+            let page = store.query_tasks(&q, None).await.unwrap();
+            let set: HashSet<Uuid> = ids_of(&page.items).into_iter().collect();
+            assert_eq!(set.len(), page.items.len());
+            (set, page.total)
+        }
+    };
+    let lists: [&[&str]; 4] = [
+        &["vm", "disk"],
+        &["vm", "disk", "a b"],
+        &["disk", "no-such-type"],
+        &["no-such-type", "nor-this"],
+    ];
+    for list in lists {
+        let mut union = HashSet::new();
+        let mut sum = 0;
+        for value in list {
+            let (set, total) = ids(&format!(
+                "resourceType={}&limit=1000",
+                value.replace(' ', "+")
+            ))
+            .await;
+            sum += total;
+            union.extend(set);
+        }
+        let raw = list.join(",").replace(' ', "+");
+        for spelled in [
+            format!("resourceType={raw}&limit=1000"),
+            format!("resourceType={}&limit=1000", raw.replace(',', "%2C")),
+            format!(
+                "{}&limit=1000",
+                list.iter()
+                    .map(|v| format!("resourceType={}", v.replace(' ', "+")))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            ),
+        ] {
+            let (set, total) = ids(&spelled).await;
+            assert_eq!(set, union, "{spelled}");
+            assert_eq!(
+                total, sum,
+                "{spelled}: the values are disjoint, so totals add up"
+            );
+        }
+    }
+    // Combined with another filter, the list still means "any of these".
+    let (both, _) = ids("resourceType=vm,disk&state=RUNNING&limit=1000").await;
+    let expected: HashSet<Uuid> = s
+        .tasks
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.workflow_info.resource_type.as_deref(),
+                Some("vm" | "disk")
+            ) && t.state == TaskState::Running
+        })
+        .map(|t| t.id)
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(both, expected);
+}
+
+/// Tasks keep the organisations their writer named; `sourceOrg` and `destinationOrg` filter
+/// on them exactly (case-sensitive, as the original), and sort by them.
+async fn query_org_filters_match_exactly_and_round_trip(ctx: Ctx) {
+    let store = ctx.store.clone();
+    let mut made = Vec::new();
+    for (i, (source, destination)) in [
+        (Some("Org1"), Some("Org2")),
+        (Some("org1"), None),
+        (None, Some("Org2")),
+        (Some("Org1"), Some("Org3")),
+        (None, None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let new = NewTask {
+            source_org: source.map(str::to_owned),
+            destination_org: destination.map(str::to_owned),
+            ..new_task(None, "alice", wf("replication", Some("vm"), None, None))
+        };
+        let task = match store.create_task(new.clone(), SITE).await.unwrap() {
+            CreateOutcome::Created(t) => t,
+            other => panic!("expected Created, got {other:?}"),
+        };
+        assert_eq!(task.source_org.as_deref(), source, "task {i}");
+        assert_eq!(task.destination_org.as_deref(), destination, "task {i}");
+        assert_eq!(store.get_task(task.id).await.unwrap().as_ref(), Some(&task));
+        // The same create again is idempotent; with other orgs it contradicts the first.
+        let again = store
+            .create_task(
+                NewTask {
+                    id: Some(task.id),
+                    ..new.clone()
+                },
+                SITE,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(again, CreateOutcome::AlreadyExisted(_)),
+            "{again:?}"
+        );
+        let other = NewTask {
+            id: Some(task.id),
+            source_org: Some("Elsewhere".into()),
+            ..new
+        };
+        assert!(matches!(
+            store.create_task(other, SITE).await,
+            Err(StoreError::Rejected(_))
+        ));
+        made.push(task);
+    }
+    let found = |raw: &str| {
+        let store = store.clone();
+        let q = query(raw);
+        async move {
+            let page = store.query_tasks(&q, None).await.unwrap();
+            assert_eq!(page.total as usize, page.items.len());
+            let mut ids = ids_of(&page.items);
+            ids.sort();
+            ids
+        }
+    };
+    let expect = |pred: &dyn Fn(&Task) -> bool| {
+        let mut ids: Vec<Uuid> = made.iter().filter(|t| pred(t)).map(|t| t.id).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        found("sourceOrg=Org1").await,
+        expect(&|t| t.source_org.as_deref() == Some("Org1"))
+    );
+    assert_eq!(found("sourceOrg=Org1").await.len(), 2);
+    assert_eq!(found("sourceOrg=org1").await.len(), 1, "case-sensitive");
+    assert_eq!(
+        found("destinationOrg=Org2").await,
+        expect(&|t| t.destination_org.as_deref() == Some("Org2"))
+    );
+    assert_eq!(
+        found("sourceOrg=Org1&destinationOrg=Org3").await,
+        expect(&|t| t.source_org.as_deref() == Some("Org1")
+            && t.destination_org.as_deref() == Some("Org3"))
+    );
+    assert!(found("sourceOrg=Nobody").await.is_empty());
+    let sorted_by_source = store
+        .query_tasks(&query("sort=sourceOrg,startTime"), None)
+        .await
+        .unwrap();
+    let keys = query("sort=sourceOrg,startTime").sort;
+    assert_eq!(sorted_by_source.items, sorted(made.clone(), &keys));
+}
+
 async fn query_unstorable_filter_values_match_nothing(ctx: Ctx) {
     let store = ctx.store.clone();
     create(
@@ -2294,9 +2519,10 @@ async fn replicas_patch_one_task_lose_no_update(ctx: Ctx) {
     }
     answers.sort_by_key(|t| t.warnings.len());
     for pair in answers.windows(2) {
+        // Strictly: a waiter holding one state's lastUpdated must see the next as newer.
         assert!(
-            pair[0].last_updated <= pair[1].last_updated,
-            "lastUpdated went back"
+            pair[0].last_updated < pair[1].last_updated,
+            "two states share a lastUpdated, or it went back"
         );
     }
     assert_eq!(answers.last(), Some(&got));
@@ -2611,6 +2837,20 @@ async fn replicas_share_sessions(ctx: Ctx) {
 // ---------------------------------------------------------------------------------------------
 // 9. Persistence
 // ---------------------------------------------------------------------------------------------
+
+/// The site's instance ID is a v4 UUID made with the store, the same from every handle
+/// (replicas) and after reopening, and another store's is different.
+async fn instance_id_is_made_once_and_kept(ctx: Ctx) {
+    let backend = ctx.backend;
+    let id = ctx.store.instance_id().await.unwrap();
+    assert_eq!(id.get_version_num(), 4, "{id}");
+    assert_eq!(ctx.store.instance_id().await.unwrap(), id);
+    assert_eq!(ctx.replica().await.instance_id().await.unwrap(), id);
+    let ctx = ctx.reopen().await;
+    assert_eq!(ctx.store.instance_id().await.unwrap(), id);
+    let other = open(backend).await;
+    assert_ne!(other.store.instance_id().await.unwrap(), id);
+}
 
 async fn data_survives_reopening(ctx: Ctx) {
     let store = ctx.store.clone();
@@ -2995,7 +3235,7 @@ mod postgres_only {
         assert_eq!(store.count_sessions().await.unwrap(), 0);
         assert_eq!(
             tables("brand_new").await,
-            vec!["schema_migrations", "sessions", "tasks"]
+            vec!["schema_migrations", "sessions", "site_meta", "tasks"]
         );
         assert!(tables("public").await.is_empty());
 

@@ -2,6 +2,7 @@
 //! (caller, path, query, body), asks the [`crate::sites::SiteResolver`] where to answer, and
 //! calls the store; every failure is an [`crate::ApiError`].
 
+pub mod diagnostics;
 pub mod forward;
 pub mod ops;
 pub mod sessions;
@@ -16,6 +17,15 @@ use sitegate_store::Store;
 use crate::auth::SessionManager;
 use crate::sites::SiteResolver;
 
+/// Unknown query parameter names are ignored, as the original API ignores them; an operator
+/// sees them in a debug line and a counter (no label: the names come from callers).
+pub(crate) fn note_ignored_parameters(names: &[String]) {
+    if !names.is_empty() {
+        tracing::debug!(ignored = ?names, "ignored unknown query parameters");
+        metrics::counter!("sitegate_ignored_query_parameters_total").increment(names.len() as u64);
+    }
+}
+
 /// What handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -25,6 +35,10 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// Blocking reads and event streams waiting for a task to change.
     pub watch: crate::watch::SharedWatch,
+    /// The instance and process facts `/diagnostics` reports.
+    pub build: Arc<diagnostics::BuildFacts>,
+    /// Blocking reads and event streams open, per user and in total.
+    pub held: Arc<crate::budget::HeldBudget>,
 }
 
 /// Whether this process should receive new traffic; set to draining on shutdown so load

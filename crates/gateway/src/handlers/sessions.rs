@@ -17,13 +17,17 @@ use crate::extract::{JsonBody, Origin, RequestMeta, SitePath};
 use crate::layers::ClientAddr;
 use crate::peer::{Forward, Peer};
 use crate::sites::Route;
+use crate::throttle::AddressKey;
 
 fn details(state: &AppState, caller: &Caller) -> SessionDetails {
+    let org = state.sessions.org_of(&caller.user);
     let mut sites = vec![AuthenticatedSite {
         site: state.resolver.local_name().to_string(),
+        org: org.clone(),
     }];
     sites.extend(caller.extensions.iter().map(|e| AuthenticatedSite {
         site: e.site.clone(),
+        org: e.org.clone().unwrap_or_else(|| org.clone()),
     }));
     SessionDetails {
         user: caller.user.clone(),
@@ -71,8 +75,12 @@ pub async fn login(
         local_user,
         local_password,
     } = body;
-    let address = match (origin, client) {
-        (None, Some(Extension(ClientAddr(addr)))) => Some(addr.ip()),
+    // Where the attempt counts: the client's address, or for a login over the peer link
+    // (a credentials extension) the calling site, so guesses relayed by a site are limited
+    // like guesses from one address.
+    let address = match (&origin, client) {
+        (Some(site), _) => Some(AddressKey::Site(site.to_string())),
+        (None, Some(Extension(ClientAddr(addr)))) => Some(AddressKey::from(addr.ip())),
         _ => None,
     };
     let (token, caller) = state
@@ -174,7 +182,15 @@ pub async fn extend(
     meta: RequestMeta,
     JsonBody(body): JsonBody<ExtendRequest>,
 ) -> Result<Json<SessionDetails>, ApiError> {
-    let peer = match state.resolver.resolve(Some(body.site()), origin.as_ref())? {
+    let Some(site) = body.site() else {
+        return Err(ApiError::BadInput(
+            "This site cannot extend a session with a vCloud Director cookie or access token; \
+             use {\"type\":\"credentials\",\"site\",\"vcdUsername\",\"vcdPassword\"} \
+             or {\"type\":\"multisite\",\"site\"}."
+                .into(),
+        ));
+    };
+    let peer = match state.resolver.resolve(Some(site), origin.as_ref())? {
         Route::Peer(peer) => peer,
         Route::Local => {
             return Err(ApiError::BadInput(
@@ -182,26 +198,62 @@ pub async fn extend(
             ))
         }
     };
-    let (path, payload, refused) = match &body {
+    let (path, payload, refused, org) = match &body {
         ExtendRequest::Credentials {
-            username, password, ..
+            vcd_username,
+            vcd_password,
+            ..
         } => (
             "/sessions",
-            serde_json::json!({"type": "localUser", "localUser": username, "localPassword": password}),
+            serde_json::json!({"type": "localUser", "localUser": vcd_username, "localPassword": vcd_password}),
             "refused the credentials",
+            None,
         ),
-        ExtendRequest::Multisite { .. } => (
+        ExtendRequest::Multisite { org, .. } => (
             "/peer/sessions",
             serde_json::to_value(MultisiteSessionRequest {
                 user: caller.user.clone(),
             })
             .map_err(|e| ApiError::Internal(e.to_string()))?,
             "does not grant multisite sessions to this site for this user",
+            org.clone(),
         ),
+        // `site()` is None for these, answered above.
+        ExtendRequest::Cookie(_) | ExtendRequest::VcdAccessToken(_) => {
+            return Err(ApiError::BadInput("unsupported extension".into()))
+        }
     };
-    let remote = obtain_remote_session(&state, &peer, path, payload, refused, &meta).await?;
+    // Guessing passwords through this site meets a throttle here (per user and peer), as
+    // well as the peer's own (which counts this site as the address).
+    let guessing = matches!(body, ExtendRequest::Credentials { .. });
+    if guessing {
+        state
+            .sessions
+            .check_extension(&caller.user, peer.name().as_str())?;
+    }
+    let obtained = obtain_remote_session(&state, &peer, path, payload, refused, &meta).await;
+    if guessing {
+        match &obtained {
+            Ok(_) => state
+                .sessions
+                .extension_succeeded(&caller.user, peer.name().as_str()),
+            Err(ApiError::RemoteAuth(_)) => state
+                .sessions
+                .extension_failed(&caller.user, peer.name().as_str())?,
+            Err(_) => {}
+        }
+    }
+    let mut remote = obtained?;
+    if org.is_some() {
+        remote.org = org;
+    }
+    // The session this one held there before is ended there, not left to idle out.
+    let replaced = caller.remote_session(peer.name().as_str()).cloned();
     tracing::info!(user = %caller.user, peer = %peer.name(), remote_user = %remote.user, "session extended");
     state.sessions.add_extension(&mut caller, remote).await?;
+    if let Some(old) = replaced {
+        logout_at_peer(&state, old, &meta);
+    }
     Ok(Json(details(&state, &caller)))
 }
 
@@ -224,19 +276,19 @@ async fn obtain_remote_session(
     let response = client(state)?.send(peer, request, meta.deadline).await?;
     match response.status.as_u16() {
         200 => {}
-        // The peer throttles failed logins: its refusal, with its time to wait, is a refusal
-        // of the credentials, not a fault of the link.
+        // The peer throttles failed logins: its refusal is passed on as a 429 with its time
+        // to wait, not turned into a wrong-password answer (which invites another guess).
         429 => {
-            let wait = response
+            let secs = response
                 .headers
                 .get(axum::http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok())
-                .map_or_else(String::new, |secs| format!(" Try again in {secs} seconds."));
+                .unwrap_or(30);
             tracing::info!(peer = %site, "peer refused a session: too many failed logins");
-            return Err(ApiError::RemoteAuth(format!(
-                "Site '{site}' refused the login: too many failed logins.{wait}"
-            )));
+            return Err(ApiError::TooManyAttempts {
+                retry_after: std::time::Duration::from_secs(secs),
+            });
         }
         401 | 403 => {
             tracing::info!(peer = %site, code = ?peer_error_code(&response), "peer refused a session");
@@ -258,6 +310,12 @@ async fn obtain_remote_session(
     match (token, details) {
         (Some(token), Some(details)) => Ok(RemoteSession {
             site,
+            // The peer's own entry comes first in its details.
+            org: details
+                .authenticated_sites
+                .first()
+                .map(|s| s.org.clone())
+                .filter(|o| !o.is_empty()),
             user: details.user,
             token,
         }),
@@ -314,9 +372,12 @@ pub async fn issue_for_peer(
         // Not part of the client API at all.
         return Err(ApiError::NoRoute);
     };
-    let trusted = match state.resolver.resolve(Some(from.as_str()), None) {
-        Ok(Route::Peer(peer)) => peer.config.trust_multisite,
-        _ => false,
+    let (trusted, admin_trusted) = match state.resolver.resolve(Some(from.as_str()), None) {
+        Ok(Route::Peer(peer)) => (
+            peer.config.trust_multisite,
+            peer.config.trust_multisite_admin,
+        ),
+        _ => (false, false),
     };
     if !trusted {
         tracing::warn!(peer = %from, user = %body.user, "refused a multisite session: peer not trusted");
@@ -324,7 +385,10 @@ pub async fn issue_for_peer(
             "This site does not trust the calling site to assert identities.",
         ));
     }
-    let (token, caller) = state.sessions.issue_for_trusted_peer(&body.user).await?;
+    let (token, caller) = state
+        .sessions
+        .issue_for_trusted_peer(&body.user, &from, admin_trusted)
+        .await?;
     tracing::info!(peer = %from, user = %caller.user, "issued a multisite session");
     issued(&state, &token, &caller)
 }

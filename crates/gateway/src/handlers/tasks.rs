@@ -57,11 +57,53 @@ pub async fn get_one(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = GetOneQuery::parse(query.as_deref())?;
-    match state.resolver.resolve(q.site.as_deref(), origin.as_ref())? {
-        Route::Local => Ok(Json(read_local(&state, &caller, id, q.wait).await?).into_response()),
-        Route::Peer(peer) => {
-            let path = peer_task_path(id, q.wait);
-            forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
+    super::note_ignored_parameters(&q.ignored);
+    let route = state.resolver.resolve(q.site.as_deref(), origin.as_ref())?;
+    // A blocking read is held: it counts against the caller's held requests, and ends when
+    // the session does.
+    let _held = match q.wait {
+        Some(_) => Some(state.held.hold(&caller.user)?),
+        None => None,
+    };
+    let read = async {
+        match route {
+            Route::Local => {
+                Ok(Json(read_local(&state, &caller, id, q.wait).await?).into_response())
+            }
+            Route::Peer(peer) => {
+                let path = peer_task_path(id, q.wait);
+                forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
+            }
+        }
+    };
+    match q.wait {
+        Some(_) => while_session_lives(&state, &caller, read).await,
+        None => read.await,
+    }
+}
+
+/// How often a held request checks that its session still stands.
+const SESSION_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs a held request's `work` while the caller's session stands; a logout, an expiry or the
+/// user's removal from the users file ends it with `NotAuthenticated` within
+/// [`SESSION_RECHECK`].
+async fn while_session_lives<T>(
+    state: &AppState,
+    caller: &Caller,
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(SESSION_RECHECK);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tick.tick() => {
+                if !state.sessions.is_alive(caller).await {
+                    return Err(ApiError::SessionRequired("The session has ended."));
+                }
+            }
         }
     }
 }
@@ -90,7 +132,12 @@ async fn read_local(
 
 /// The path of a task at a peer, with the same wait.
 fn peer_task_path(id: Uuid, wait: Option<Wait>) -> String {
-    let query = GetOneQuery { site: None, wait }.to_query_string_without_site();
+    let query = GetOneQuery {
+        site: None,
+        wait,
+        ignored: Vec::new(),
+    }
+    .to_query_string_without_site();
     if query.is_empty() {
         format!("/tasks/{id}")
     } else {
@@ -131,7 +178,12 @@ pub async fn events(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let site = parse_site_only(query.as_deref())?;
-    let route = state.resolver.resolve(site.as_deref(), origin.as_ref())?;
+    super::note_ignored_parameters(&site.ignored);
+    let route = state
+        .resolver
+        .resolve(site.site.as_deref(), origin.as_ref())?;
+    // The stream holds its place in the caller's held requests for as long as it lasts.
+    let held = state.held.hold(&caller.user)?;
     // The first read happens before the stream starts, so a missing task or a refused
     // remote session is a plain error answer, not an event.
     let meta = RequestMeta {
@@ -145,8 +197,8 @@ pub async fn events(
         Err(peer_answer) => return Ok(peer_answer),
     };
     let stream = futures_util::stream::unfold(
-        (EventStep::Send(first), state, caller, route, meta),
-        move |(mut step, state, caller, route, meta)| async move {
+        (EventStep::Send(first), state, caller, route, meta, held),
+        move |(mut step, state, caller, route, meta, held)| async move {
             loop {
                 step = match step {
                     EventStep::Done => return None,
@@ -159,15 +211,22 @@ pub async fn events(
                         } else {
                             EventStep::Done
                         };
-                        return Some((event, (next, state, caller, route, meta)));
+                        return Some((event, (next, state, caller, route, meta, held)));
                     }
                     EventStep::After(seen) => {
+                        // A stream lasts at most `limits.max_stream_secs` (the client
+                        // reconnects), and no longer than its session.
+                        let left = state.held.max_stream.saturating_sub(held.since.elapsed());
+                        if left.is_zero() {
+                            tracing::info!(task = %id, "task event stream reached its longest life");
+                            return None;
+                        }
                         let wait = Wait {
                             last_updated: seen.last_updated,
-                            timeout: DEFAULT_WAIT,
+                            timeout: DEFAULT_WAIT.min(left),
                         };
-                        match read_for_events(&state, &caller, &route, id, Some(wait), &meta).await
-                        {
+                        let read = read_for_events(&state, &caller, &route, id, Some(wait), &meta);
+                        match while_session_lives(&state, &caller, read).await {
                             // The wait ended with no change: no event, wait again.
                             Ok(Ok(t))
                                 if t.last_updated == seen.last_updated && t.state == seen.state =>
@@ -241,22 +300,24 @@ async fn read_for_events(
         ("user" = Option<String>, Query, pattern = "^[A-Za-z0-9._@-]{1,64}$", description = "Only this user's tasks; administrators only (403 otherwise)."),
         ("state" = Option<Vec<TaskState>>, Query, style = Form, explode = false, min_items = 1, description = "Only tasks in these states (comma-separated)."),
         ("type" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks of this `workflowInfo.type`."),
-        ("resourceType" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks with this `workflowInfo.resourceType`."),
+        ("resourceType" = inline(Option<crate::openapi::ResourceTypes>), Query, style = Form, explode = false, description = "Only tasks with any of these `workflowInfo.resourceType`s (a comma list, or the parameter repeated), as the original API's clients send it: `replication,vmReplication,vappReplication`."),
         ("resourceId" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks with this `workflowInfo.resourceId`."),
         ("resourceName" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks with this `workflowInfo.resourceName`."),
         ("startTimeBefore" = Option<i64>, Query, minimum = 0, description = "Only tasks started before this time (epoch ms)."),
         ("startTimeAfter" = Option<i64>, Query, minimum = 0, description = "Only tasks started after this time (epoch ms)."),
         ("endTimeBefore" = Option<i64>, Query, minimum = 0, description = "Only tasks ended before this time (epoch ms)."),
         ("endTimeAfter" = Option<i64>, Query, minimum = 0, description = "Only tasks ended after this time (epoch ms)."),
+        ("sourceOrg" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks whose `sourceOrg` is this organisation (case-sensitive)."),
+        ("destinationOrg" = Option<String>, Query, max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Only tasks whose `destinationOrg` is this organisation (case-sensitive); administrators only (403 otherwise), and not with `user` (400)."),
         ("sort" = inline(Option<crate::openapi::SortKeys>), Query, style = Form, explode = false, description = "Sort keys in order (comma-separated); `-` before or after a field means descending. Default `-startTime`; ties are broken by `id`."),
         ("limit" = Option<u64>, Query, format = "uint64", minimum = 0, maximum = 18446744073709551615usize, description = "The page size; default 100, larger values are clamped to 1000."),
         ("offset" = Option<i64>, Query, minimum = 0, maximum = 9223372036854775807usize, description = "Rows to skip; default 0."),
     ),
     responses(
         (status = 200, description = "A page of the tasks visible to the caller and their total; with `site=*`, the merged page and the sites that could not answer.", body = crate::openapi::TaskListAnswer),
-        (status = 400, description = "BadUserInput: an unknown or repeated parameter, or a malformed value.", body = ErrorEnvelope),
+        (status = 400, description = "BadUserInput: a malformed value of a known parameter, a single-valued parameter given twice, or `destinationOrg` with `user`. Unknown parameter names are ignored, as the original API ignores them.", body = ErrorEnvelope),
         (status = 401, description = "NotAuthenticated: no, unknown or expired session token; or RemoteAuthenticationFailure: `site` names a peer the session is not extended to, or the peer refused it.", body = ErrorEnvelope),
-        (status = 403, description = "Forbidden: filtering by `user` without the admin role.", body = ErrorEnvelope),
+        (status = 403, description = "Forbidden: filtering by `user` or `destinationOrg` without the admin role.", body = ErrorEnvelope),
         (status = 404, description = "SiteNotFound.", body = ErrorEnvelope),
         (status = 502, description = "RemoteSiteUnavailable: the peer `site` names could not be reached, or its link is marked down.", body = ErrorEnvelope),
         (status = 504, description = "RemoteSiteTimeout: the peer `site` names did not answer in time.", body = ErrorEnvelope),
@@ -272,10 +333,24 @@ pub async fn query(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = TaskQuery::parse(query.as_deref())?;
+    super::note_ignored_parameters(&q.ignored);
     if q.user.is_some() && !caller.is_admin() {
         return Err(ApiError::Forbidden(
             "Only administrators may filter tasks by user.",
         ));
+    }
+    // As the original: `destinationOrg` is for administrators, and not with `user`.
+    if q.destination_org.is_some() {
+        if !caller.is_admin() {
+            return Err(ApiError::Forbidden(
+                "Only administrators may filter tasks by destinationOrg.",
+            ));
+        }
+        if q.user.is_some() {
+            return Err(ApiError::BadInput(
+                "destinationOrg cannot be combined with user.".into(),
+            ));
+        }
     }
     if q.site.as_deref() == Some(ALL_SITES) {
         return all_sites(&state, &caller, origin.as_ref(), &q, &meta).await;
@@ -286,6 +361,8 @@ pub async fn query(
             Ok(Json(TaskList {
                 items: page.items,
                 total: page.total,
+                limit: q.limit,
+                offset: q.offset,
             })
             .into_response())
         }
@@ -323,6 +400,8 @@ async fn all_sites(
                         .map(|page| TaskList {
                             items: page.items,
                             total: page.total,
+                            limit: each.limit,
+                            offset: each.offset,
                         })
                         .map_err(|e| ApiError::from(e).envelope()),
                 ),
@@ -352,6 +431,8 @@ async fn all_sites(
     Ok(Json(FanOutList {
         items: fanout::merge(q, pages),
         total,
+        limit: q.limit,
+        offset: q.offset,
         site_errors,
     })
     .into_response())
@@ -411,8 +492,12 @@ pub async fn poll(
     JsonBody(ids): JsonBody<Vec<String>>,
 ) -> Result<Response, ApiError> {
     let site = parse_site_only(query.as_deref())?;
+    super::note_ignored_parameters(&site.ignored);
     let ids = parse_poll_ids(&ids)?;
-    match state.resolver.resolve(site.as_deref(), origin.as_ref())? {
+    match state
+        .resolver
+        .resolve(site.site.as_deref(), origin.as_ref())?
+    {
         Route::Local => {
             let tasks = state.store.get_tasks(&ids, caller.visibility()).await?;
             Ok(Json(PollResponse::from_tasks(&tasks)).into_response())
@@ -450,7 +535,8 @@ fn require_writer(caller: &Caller) -> Result<(), ApiError> {
 /// another site is refused, never forwarded.
 fn require_local(state: &AppState, query: Option<&str>) -> Result<(), ApiError> {
     let site = parse_site_only(query)?;
-    match state.resolver.resolve(site.as_deref(), None)? {
+    super::note_ignored_parameters(&site.ignored);
+    match state.resolver.resolve(site.site.as_deref(), None)? {
         Route::Local => Ok(()),
         Route::Peer(peer) => Err(ApiError::BadInput(format!(
             "Tasks are written only at the site they run on; write to site '{}' there.",

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
 use std::fs::File;
@@ -361,6 +363,16 @@ impl Site {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGHUP: reload what can be reloaded (the users file, certificates).
+    pub fn sighup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -HUP {}", self.pid());
+    }
+
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -636,4 +648,19 @@ pub fn int(v: &Value, field: &str) -> i64 {
     v[field]
         .as_i64()
         .unwrap_or_else(|| panic!("field {field} is not an integer in {v}"))
+}
+
+/// HAProxy, for tests of what sits behind a load balancer: `SITEGATE_HAPROXY`, else Debian's
+/// (`scripts/test` installs it).
+pub fn haproxy_binary() -> PathBuf {
+    let path = std::env::var_os("SITEGATE_HAPROXY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/haproxy"));
+    assert!(
+        path.exists(),
+        "HAProxy not found at {} (scripts/test installs Debian's haproxy package; or set \
+         SITEGATE_HAPROXY)",
+        path.display()
+    );
+    path
 }
