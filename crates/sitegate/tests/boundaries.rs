@@ -173,6 +173,93 @@ async fn one_users_long_polls_do_not_starve_another() {
     }
 }
 
+// 2, second part. The client API and the peer link have budgets of their own: a site whose
+// client API is saturated still answers its peers, so they do not open their circuit to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_client_api_does_not_starve_the_peer_link() {
+    let fed = Federation::init(&["site1", "site2"]);
+    let site1 = fed.start("site1").await;
+    let site2 = site_with(
+        &fed,
+        "site2",
+        &[
+            ("SITEGATE_LIMITS__MAX_CONCURRENT_REQUESTS", "2"),
+            ("SITEGATE_LIMITS__REQUEST_TIMEOUT_SECS", "4"),
+        ],
+    )
+    .await;
+    let svc2 = site2.login("svc").await;
+    let bob2 = site2.login("bob").await;
+    let bobs = site2
+        .create_task(&svc2, &new_task("bob", "sync", "vm", "vm-2", "db"))
+        .await;
+    let alices = site2
+        .create_task(&svc2, &new_task("alice", "sync", "vm", "vm-1", "web"))
+        .await;
+    let alice1 = site1.login("alice").await;
+    site1
+        .post(
+            "/sessions/extend",
+            Some(&alice1),
+            &json!({"type": "multisite", "site": "site2"}),
+        )
+        .await
+        .expect(200, None);
+    // site2's own users: 10 held polls, and slow bodies holding both client API slots.
+    let mut load = Vec::new();
+    for _ in 0..10 {
+        load.push(tokio::spawn(blocking_read(&site2, &bob2, &bobs, 20).send()));
+    }
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut conn = RawConnection::open(site2.port).await;
+        let head = format!(
+            "POST /tasks HTTP/1.1\r\nHost: x\r\nX-VCAV-Auth: {svc2}\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{{"
+        );
+        conn.send(head.as_bytes()).await;
+        slow.push(tokio::spawn(async move {
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.send(b" ").await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // site2's client API is full: a plain read there waits, then is refused.
+    let local = site2.get("/tasks", Some(&bob2)).await;
+    assert!(local.status == 503 || local.status == 200, "{local:?}");
+    // Meanwhile alice at site1 reads site2's task over the peer link, every time.
+    let started = Instant::now();
+    for _ in 0..20 {
+        site1
+            .get(
+                &format!("/tasks/{}?site=site2", id_of(&alices)),
+                Some(&alice1),
+            )
+            .await
+            .expect(200, None);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let admin1 = site1.login("admin").await;
+    let sites = site1.get("/sites", Some(&admin1)).await;
+    let site2_entry = sites
+        .expect(200, None)
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["site"] == "site2").cloned())
+        .expect("site2 listed");
+    assert_eq!(site2_entry["link"]["circuit"], "closed", "{site2_entry}");
+    for t in load.into_iter() {
+        t.abort();
+    }
+    for t in slow {
+        t.abort();
+    }
+}
+
 // 3. Event streams: capped per user, bounded in life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_streams_are_capped_per_user_and_end() {
