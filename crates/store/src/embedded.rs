@@ -209,7 +209,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::Database(format!(
-            "the database has schema version {version}, newer than this sitegate knows ({known})"
+            "the store has schema version {version}, written by a later sitegate; this is \
+             sitegate {} with schema version {known}, and a downgrade is refused: run the later \
+             release, or restore a backup this one wrote",
+            env!("CARGO_PKG_VERSION")
         )));
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {

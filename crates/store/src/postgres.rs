@@ -193,7 +193,10 @@ impl PostgresStore {
         let known = MIGRATIONS.len() as i32;
         if applied > known {
             return Err(StoreError::Database(format!(
-                "the database has schema version {applied}, newer than this sitegate knows ({known})"
+                "the store has schema version {applied}, written by a later sitegate; this is \
+                 sitegate {} with schema version {known}, and a downgrade is refused: run the \
+                 later release, or restore a backup this one wrote",
+                env!("CARGO_PKG_VERSION")
             )));
         }
         for (i, migration) in MIGRATIONS.iter().enumerate().skip(applied as usize) {

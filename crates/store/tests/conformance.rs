@@ -3002,7 +3002,10 @@ mod embedded_only {
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
         match EmbeddedStore::open(dir.path()) {
-            Err(StoreError::Database(msg)) => assert!(msg.contains("newer"), "{msg}"),
+            Err(StoreError::Database(msg)) => assert!(
+                msg.contains("later sitegate") && msg.contains("downgrade is refused"),
+                "{msg}"
+            ),
             other => panic!("expected a schema version error, got {other:?}"),
         }
     }
@@ -3262,7 +3265,10 @@ mod postgres_only {
             .await
             .unwrap();
         match PostgresStore::connect(&url, "site_new", 2).await {
-            Err(StoreError::Database(msg)) => assert!(msg.contains("newer"), "{msg}"),
+            Err(StoreError::Database(msg)) => assert!(
+                msg.contains("later sitegate") && msg.contains("downgrade is refused"),
+                "{msg}"
+            ),
             other => panic!("expected a schema version error, got {other:?}"),
         }
     }
