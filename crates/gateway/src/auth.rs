@@ -381,7 +381,7 @@ impl SessionManager {
             }
         }
         let now = now_millis();
-        if now - record.last_seen > self.idle_timeout_ms || now - record.created > self.max_age_ms {
+        if self.lapsed(&record, now) {
             if let Err(e) = self.store.delete_session(hash).await {
                 tracing::warn!(error = %e, "could not delete an expired session");
             }
@@ -457,10 +457,12 @@ impl SessionManager {
         let Ok(Some(record)) = self.store.get_session(caller.token_hash).await else {
             return false;
         };
-        let now = now_millis();
-        now - record.last_seen <= self.idle_timeout_ms
-            && now - record.created <= self.max_age_ms
-            && self.users.load().by_name.contains_key(&record.user)
+        !self.lapsed(&record, now_millis()) && self.users.load().by_name.contains_key(&record.user)
+    }
+
+    /// Whether a session has ended by time: idle too long, or older than the maximum age.
+    fn lapsed(&self, record: &SessionRecord, now: i64) -> bool {
+        now - record.last_seen > self.idle_timeout_ms || now - record.created > self.max_age_ms
     }
 
     /// Keeps `remote` in the caller's session; every replica and a restart see it.

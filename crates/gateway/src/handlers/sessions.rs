@@ -182,34 +182,20 @@ pub async fn extend(
     meta: RequestMeta,
     JsonBody(body): JsonBody<ExtendRequest>,
 ) -> Result<Json<SessionDetails>, ApiError> {
-    let Some(site) = body.site() else {
-        return Err(ApiError::BadInput(
-            "This site cannot extend a session with a vCloud Director cookie or access token; \
-             use {\"type\":\"credentials\",\"site\",\"vcdUsername\",\"vcdPassword\"} \
-             or {\"type\":\"multisite\",\"site\"}."
-                .into(),
-        ));
-    };
-    let peer = match state.resolver.resolve(Some(site), origin.as_ref())? {
-        Route::Peer(peer) => peer,
-        Route::Local => {
-            return Err(ApiError::BadInput(
-                "The session is already valid at the local site; extend it to a peer.".into(),
-            ))
-        }
-    };
-    let (path, payload, refused, org) = match &body {
+    let (site, path, payload, refused, org) = match &body {
         ExtendRequest::Credentials {
+            site,
             vcd_username,
             vcd_password,
-            ..
         } => (
+            site,
             "/sessions",
             serde_json::json!({"type": "localUser", "localUser": vcd_username, "localPassword": vcd_password}),
             "refused the credentials",
             None,
         ),
-        ExtendRequest::Multisite { org, .. } => (
+        ExtendRequest::Multisite { site, org } => (
+            site,
             "/peer/sessions",
             serde_json::to_value(MultisiteSessionRequest {
                 user: caller.user.clone(),
@@ -218,9 +204,21 @@ pub async fn extend(
             "does not grant multisite sessions to this site for this user",
             org.clone(),
         ),
-        // `site()` is None for these, answered above.
         ExtendRequest::Cookie(_) | ExtendRequest::VcdAccessToken(_) => {
-            return Err(ApiError::BadInput("unsupported extension".into()))
+            return Err(ApiError::BadInput(
+                "This site cannot extend a session with a vCloud Director cookie or access \
+                 token; use {\"type\":\"credentials\",\"site\",\"vcdUsername\",\"vcdPassword\"} \
+                 or {\"type\":\"multisite\",\"site\"}."
+                    .into(),
+            ))
+        }
+    };
+    let peer = match state.resolver.resolve(Some(site), origin.as_ref())? {
+        Route::Peer(peer) => peer,
+        Route::Local => {
+            return Err(ApiError::BadInput(
+                "The session is already valid at the local site; extend it to a peer.".into(),
+            ))
         }
     };
     // Guessing passwords through this site meets a throttle here (per user and peer), as
