@@ -293,6 +293,10 @@ impl Application {
         let mut background = vec![
             tokio::spawn(purge_sessions_periodically(self.state.sessions.clone())),
             tokio::spawn(crate::telemetry::metrics_upkeep()),
+            tokio::spawn(crate::retention::keep_store(
+                self.state.store.clone(),
+                self.config.store.task_retention.duration(),
+            )),
         ];
         // What a SIGHUP (or a changed file) reloads: always the users file, and each
         // listener's certificates where there are some. Installed whatever the site's shape,

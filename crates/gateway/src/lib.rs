@@ -28,6 +28,8 @@
 //! - [`watch`]: waiting for a task to change (blocking reads, the event stream).
 //! - [`remote_reads`]: remote Get One answers shared between callers (final tasks kept,
 //!   single flight for running ones).
+//! - `retention`: removing finished tasks past `[store] task_retention`, paced so users'
+//!   reads and writes stay fast; the store's size on `/metrics`.
 //! - [`tls`]: the peer link's (and the optional HTTPS client API's) rustls configuration,
 //!   reloadable; the only rustls user.
 //! - [`telemetry`]: trace context, OTLP export, JSON logs, metrics; the only OpenTelemetry user.
@@ -48,6 +50,7 @@ pub mod limits;
 pub mod openapi;
 pub mod peer;
 pub mod remote_reads;
+mod retention;
 pub mod server;
 pub mod sites;
 pub mod telemetry;

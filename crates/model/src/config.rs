@@ -281,6 +281,78 @@ pub struct StoreConfig {
     /// Most PostgreSQL connections this process opens. Default: 16.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// How long a finished task is kept after its `endTime`, e.g. `"30d"`; `"0"` keeps every
+    /// task. Default: `"0"`, so upgrading never removes tasks unasked (`init` writes `"30d"`).
+    #[serde(default)]
+    pub task_retention: Retention,
+}
+
+/// How long finished tasks are kept: a duration (`"30d"`, `"12h"`, `"90s"`) or `"0"`
+/// (forever).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention(Option<std::time::Duration>);
+
+impl Retention {
+    /// Keeps finished tasks for `d`; a zero duration keeps them forever.
+    pub fn keep_for(d: std::time::Duration) -> Self {
+        Retention((!d.is_zero()).then_some(d))
+    }
+
+    /// The duration finished tasks are kept; `None` for forever.
+    pub fn duration(&self) -> Option<std::time::Duration> {
+        self.0
+    }
+}
+
+impl std::str::FromStr for Retention {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Retention(None));
+        }
+        humantime::parse_duration(s)
+            .map(Retention::keep_for)
+            .map_err(|e| {
+                format!(
+                    "task_retention \"{s}\" is not a duration ({e}); write e.g. \"30d\", \"12h\", \
+                     or \"0\" to keep every task"
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("0"),
+            Some(d) => write!(f, "{}", humantime::format_duration(d)),
+        }
+    }
+}
+
+impl Serialize for Retention {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Retention {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// A duration as text; or a whole number of seconds, which is how an environment
+        /// override (`SITEGATE_STORE__TASK_RETENTION=0`) arrives.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Seconds(u64),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+            Raw::Seconds(secs) => Ok(Retention::keep_for(std::time::Duration::from_secs(secs))),
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -291,6 +363,7 @@ impl Default for StoreConfig {
             url: None,
             schema: default_schema(),
             pool_size: default_pool_size(),
+            task_retention: Retention::default(),
         }
     }
 }
@@ -723,6 +796,42 @@ mod tests {
             peering: PeeringConfig::default(),
             peers: vec![],
         }
+    }
+
+    #[test]
+    fn task_retention_reads_durations_and_zero() {
+        let parse = |s: &str| s.parse::<Retention>();
+        assert_eq!(parse("0").unwrap().duration(), None);
+        assert_eq!(
+            parse("30d").unwrap().duration(),
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(
+            parse("2s").unwrap().duration(),
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse("0s").unwrap().duration(),
+            None,
+            "zero keeps everything"
+        );
+        let err = parse("thirty days").unwrap_err();
+        assert!(
+            err.contains("task_retention") && err.contains("30d"),
+            "{err}"
+        );
+        // Written back as read.
+        assert_eq!(parse("30d").unwrap().to_string(), "30days");
+        assert_eq!(parse("30days").unwrap(), parse("30d").unwrap());
+        let store: StoreConfig = toml::from_str("task_retention = \"12h\"").unwrap();
+        assert_eq!(
+            store.task_retention.duration(),
+            Some(std::time::Duration::from_secs(12 * 3600))
+        );
+        assert!(toml::from_str::<StoreConfig>("task_retention = \"12 parsecs\"").is_err());
+        let zero: StoreConfig = toml::from_str("task_retention = 0").unwrap();
+        assert_eq!(zero.task_retention.duration(), None);
+        assert_eq!(StoreConfig::default().task_retention.duration(), None);
     }
 
     #[test]

@@ -8,7 +8,8 @@ use clap::Args;
 use rand::Rng;
 use sitegate_model::config::{
     AuthConfig, LimitsConfig, ListenConfig, LogConfig, LogFormat, PeerConfig, PeeringConfig,
-    Secret, SiteConfig, SiteSection, StoreBackend, StoreConfig, TelemetryConfig, TlsConfig,
+    Retention, Secret, SiteConfig, SiteSection, StoreBackend, StoreConfig, TelemetryConfig,
+    TlsConfig,
 };
 use sitegate_model::site::SiteName;
 
@@ -127,10 +128,12 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                 peer: Some(addr(port(args.base_port, 2 * k + 1)?)),
                 ..ListenConfig::default()
             },
+            // A new site keeps finished tasks for 30 days, so its store stops growing.
             store: match &args.postgres {
                 None => StoreConfig {
                     backend: StoreBackend::Embedded,
                     path: PathBuf::from(format!("data/{name}")),
+                    task_retention: thirty_days(),
                     ..StoreConfig::default()
                 },
                 Some(url) => StoreConfig {
@@ -140,6 +143,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                         "sitegate_{}",
                         name.as_str().to_lowercase().replace('-', "_")
                     ),
+                    task_retention: thirty_days(),
                     ..StoreConfig::default()
                 },
             },
@@ -190,4 +194,8 @@ pub fn summary(args: &InitArgs, dir: &Path) -> String {
     }
     s.push_str("Users at every site: admin (admin), alice and bob (user), svc (writer).");
     s
+}
+
+fn thirty_days() -> Retention {
+    Retention::keep_for(std::time::Duration::from_secs(30 * 86_400))
 }

@@ -1,7 +1,9 @@
-//! The `sitegate` command: `serve` one site, `init` a federation's files, run a `demo`, and
+//! The `sitegate` command: `serve` one site, `init` a federation's files, run a `demo`,
+//! `backup`/`restore` a site's embedded store, and
 //! the command-line client (`login`, `sites`, `tasks ...`) that talks to a site's API.
 //! A thin shell: configuration and files here, everything that serves in `sitegate-gateway`.
 
+mod backup;
 mod client;
 mod config;
 mod demo;
@@ -31,6 +33,28 @@ enum Command {
         /// The site's TOML config; `SITEGATE_<SECTION>__<KEY>` environment variables override it.
         #[arg(long, env = "SITEGATE_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Copy a site's embedded store to a new file, while the site runs (a consistent
+    /// snapshot; sessions left out).
+    Backup {
+        /// The site's TOML config (names the store).
+        #[arg(long, env = "SITEGATE_CONFIG")]
+        config: PathBuf,
+        /// The backup file to write; never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backup in place as a stopped site's store (sessions are not restored).
+    Restore {
+        /// The site's TOML config (names the store).
+        #[arg(long, env = "SITEGATE_CONFIG")]
+        config: PathBuf,
+        /// The backup file, as `sitegate backup` wrote it.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace a store that holds tasks.
+        #[arg(long)]
+        force: bool,
     },
     /// Write a ready federation: CA, site certificates, configs and users for every site.
     Init(init::InitArgs),
@@ -208,6 +232,16 @@ fn main() -> ExitCode {
         Command::Sites { client } => return run_client(client::sites(&client)),
         Command::Tasks { command, client } => return run_client(client::tasks(&client, command)),
         Command::Serve { config } => serve(config),
+        Command::Backup { config, out } => config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| backup::run_backup(&c, &out)),
+        Command::Restore {
+            config,
+            from,
+            force,
+        } => config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| backup::run_restore(&c, &from, force)),
         Command::Init(args) => init::run(&args).map(|dir| {
             println!("{}", init::summary(&args, &dir));
         }),

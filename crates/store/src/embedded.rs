@@ -30,14 +30,18 @@ use uuid::Uuid;
 use crate::sql::{self, Dialect, SqlValue};
 use crate::task_cache::{TaskCache, DEFAULT_CAPACITY_BYTES};
 use crate::{
-    json_text, parse_roles, roles_text, CreateOutcome, SessionRecord, SessionStore, StoreError,
-    TaskPage, TaskStore, TokenHash,
+    json_text, parse_roles, roles_text, CreateOutcome, PurgeOutcome, SessionRecord, SessionStore,
+    StoreError, TaskPage, TaskStore, TokenHash,
 };
 
 /// The most writes committed together; bounds the latency one batch adds to its first write.
 const MAX_BATCH: usize = 512;
 const READER_THREADS: usize = 4;
-const DB_FILE: &str = "sitegate.db";
+/// The database file inside the store's directory.
+pub const DB_FILE: &str = "sitegate.db";
+/// SQLite's `auto_vacuum` value for INCREMENTAL: freed pages stay in the file until
+/// `PRAGMA incremental_vacuum` gives them back, a few at a time, on the writer thread.
+const AUTO_VACUUM_INCREMENTAL: i64 = 2;
 
 /// Runs on the writer thread inside a savepoint; returns whether to keep its changes, and what
 /// to tell the caller once the batch's commit has succeeded or failed.
@@ -188,13 +192,40 @@ INSERT INTO site_meta (key, value) VALUES ('instance_id',
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     // FULL makes every WAL commit fsync, which is what "acknowledged means durable" needs.
+    // The size limit truncates the log after a checkpoint, so a burst of writes (a purge)
+    // does not leave a large log file behind for good.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA busy_timeout = 5000;
-         PRAGMA foreign_keys = ON;",
+         PRAGMA foreign_keys = ON;
+         PRAGMA journal_size_limit = 67108864;",
     )?;
     Ok(conn)
+}
+
+/// Makes the file able to shrink: a new store is created in incremental auto-vacuum mode; an
+/// older one (created before retention existed) is rewritten into it once, by `VACUUM`, which
+/// takes a while for a large store and is logged.
+fn enable_incremental_vacuum(conn: &Connection) -> Result<(), StoreError> {
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == AUTO_VACUUM_INCREMENTAL {
+        return Ok(());
+    }
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+    // The mode takes effect by VACUUM (instant on a new, empty file).
+    let started = std::time::Instant::now();
+    if tables > 0 {
+        tracing::info!("rewriting the store once so that it can give space back (VACUUM)");
+    }
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
+    if tables > 0 {
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "the store can now give space back"
+        );
+    }
+    Ok(())
 }
 
 /// Refreshes planner statistics where the data changed a lot since the last ANALYZE (bounded
@@ -204,8 +235,8 @@ fn refresh_statistics(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+/// Refuses a schema written by a later release (a downgrade), naming both versions.
+pub(crate) fn schema_version_known(version: i64) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::Database(format!(
@@ -215,6 +246,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             env!("CARGO_PKG_VERSION")
         )));
     }
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    schema_version_known(version)?;
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(migration)?;
@@ -246,6 +283,7 @@ impl EmbeddedStore {
         })?;
         let path = dir.join(DB_FILE);
         let mut writer = open_connection(&path)?;
+        enable_incremental_vacuum(&writer)?;
         migrate(&mut writer)?;
         refresh_statistics(&writer)?;
         let sessions = Arc::new(load_sessions(&writer)?);
@@ -361,6 +399,44 @@ impl EmbeddedStore {
         });
         self.writes.send(job).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the writer thread inside the next group commit, then, once the commit
+    /// succeeded and still on the writer thread, `committed` with its answer.
+    async fn write_and<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        committed: impl FnOnce(&R, &TaskCache) + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let started = std::time::Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let tasks = self.tasks.clone();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = conn.and_then(f);
+            let keep = result.is_ok();
+            let complete: Completion_ = Box::new(move |commit| {
+                let answer = match commit {
+                    Ok(()) => {
+                        if let Ok(r) = &result {
+                            committed(r, &tasks);
+                        }
+                        result
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(answer);
+            });
+            (keep, complete)
+        });
+        let result = async {
+            self.writes.send(job).map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+        .instrument(store_span(op))
+        .await;
+        record_latency(op, started);
+        result
     }
 
     /// Runs `f` on a reader thread.
@@ -784,6 +860,84 @@ impl TaskStore for EmbeddedStore {
         })
         .await
     }
+
+    async fn purge_finished(
+        &self,
+        ended_before: i64,
+        limit: u32,
+    ) -> Result<PurgeOutcome, StoreError> {
+        // Oldest first by the endTime index; `end_time >= 0` leaves RUNNING tasks (NOT_YET)
+        // out twice over, with the state test.
+        let removed = self
+            .write_and(
+                "purge_finished",
+                move |conn| {
+                    let mut stmt = conn.prepare_cached(
+                        "DELETE FROM tasks WHERE id IN (
+                             SELECT id FROM tasks
+                             WHERE end_time >= 0 AND end_time < ?1 AND state <> 'RUNNING'
+                             ORDER BY end_time LIMIT ?2)
+                         RETURNING id",
+                    )?;
+                    let ids = stmt
+                        .query_map(params![ended_before, limit], |r| r.get::<_, String>(0))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(ids)
+                },
+                |ids, tasks| {
+                    for id in ids {
+                        if let Ok(id) = Uuid::parse_str(id) {
+                            tasks.removed(&id);
+                        }
+                    }
+                },
+            )
+            .await?;
+        Ok(PurgeOutcome::Removed(removed.len() as u64))
+    }
+
+    async fn reclaim_space(&self, max_pages: u32) -> Result<u64, StoreError> {
+        let left = self
+            .write_and(
+                "reclaim_space",
+                move |conn| {
+                    // Each step of this statement frees one page: run it to the end.
+                    let mut stmt =
+                        conn.prepare_cached(&format!("PRAGMA incremental_vacuum({max_pages})"))?;
+                    let mut steps = stmt.query([])?;
+                    while steps.next()?.is_some() {}
+                    let left: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+                    Ok(u64::try_from(left).unwrap_or(0))
+                },
+                |_, _| {},
+            )
+            .await?;
+        if left == 0 {
+            // The file itself shrinks when the log is copied back into it; without this that
+            // waits for the next automatic checkpoint, which a quiet site may not reach.
+            // PASSIVE never waits for (or blocks) readers and writers.
+            self.read("checkpoint", |conn| {
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(left)
+    }
+
+    async fn size_bytes(&self) -> Result<u64, StoreError> {
+        Ok(file_size(&self.path) + file_size(&wal_path(&self.path)))
+    }
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
 }
 
 #[async_trait]

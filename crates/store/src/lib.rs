@@ -12,9 +12,11 @@
 //! Modules:
 //! - [`error`]: [`StoreError`], the one error type of this crate.
 //! - [`embedded`]: the SQLite backend: schema and migrations, the writer and reader threads.
+//! - [`backup`]: online backup of a running embedded store, and restore into a stopped one.
 //! - [`postgres`]: [`PostgresStore`], the PostgreSQL backend for sites with several replicas.
 //! - [`sql`]: building the `GET /tasks` query (filters, sort, paging) for either SQL dialect.
 
+pub mod backup;
 pub mod embedded;
 pub mod error;
 pub mod postgres;
@@ -110,6 +112,34 @@ pub trait TaskStore: Send + Sync + 'static {
     /// The site's instance ID: made once, when the store is created, and the same for every
     /// replica sharing the store and across restarts and upgrades (`/diagnostics/about`).
     async fn instance_id(&self) -> Result<Uuid, StoreError>;
+
+    /// Removes up to `limit` finished tasks whose `endTime` is before `ended_before`, oldest
+    /// first, in one short transaction. RUNNING tasks are never removed. On PostgreSQL only
+    /// one replica of a site purges at a time; the others get
+    /// [`PurgeOutcome::OtherReplicaPurging`] and do nothing.
+    async fn purge_finished(
+        &self,
+        ended_before: EpochMillis,
+        limit: u32,
+    ) -> Result<PurgeOutcome, StoreError>;
+
+    /// Gives up to `max_pages` pages freed by removals back to the file system, where the
+    /// backend keeps its own file (embedded: incremental vacuum; PostgreSQL's autovacuum does
+    /// this itself). Returns how many free pages are left to give back.
+    async fn reclaim_space(&self, max_pages: u32) -> Result<u64, StoreError>;
+
+    /// Bytes the store takes on disk (embedded: the database and its write-ahead log;
+    /// PostgreSQL: the site schema's tables and indexes).
+    async fn size_bytes(&self) -> Result<u64, StoreError>;
+}
+
+/// What one [`TaskStore::purge_finished`] call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PurgeOutcome {
+    /// This many tasks were removed; fewer than the limit means none older are left.
+    Removed(u64),
+    /// Another replica of the site holds the purge; this one removed nothing.
+    OtherReplicaPurging,
 }
 
 /// The sessions of one site, shared by all its gateway replicas.

@@ -21,8 +21,8 @@ use uuid::Uuid;
 
 use crate::sql::{self, Dialect, SqlValue};
 use crate::{
-    json_text, parse_roles, roles_text, CreateOutcome, SessionRecord, SessionStore, StoreError,
-    TaskPage, TaskStore, TokenHash,
+    json_text, parse_roles, roles_text, CreateOutcome, PurgeOutcome, SessionRecord, SessionStore,
+    StoreError, TaskPage, TaskStore, TokenHash,
 };
 
 /// Schema versions, applied in order under an advisory lock so replicas starting together do
@@ -104,6 +104,8 @@ INSERT INTO site_meta (key, value) VALUES ('instance_id', gen_random_uuid()::tex
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// The site's schema (checked by [`valid_schema`]); names the site's purge lock.
+    schema: String,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -162,7 +164,10 @@ impl PostgresStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::Database(format!("connection pool: {e}")))?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore {
+            pool,
+            schema: schema.to_owned(),
+        };
         store.migrate(schema).await?;
         Ok(store)
     }
@@ -492,6 +497,68 @@ impl TaskStore for PostgresStore {
                 .map_err(db)?;
             let text: String = row.get(0);
             Uuid::parse_str(&text).map_err(|_| StoreError::Corrupt(format!("instance id {text}")))
+        })
+        .await
+    }
+
+    async fn purge_finished(
+        &self,
+        ended_before: i64,
+        limit: u32,
+    ) -> Result<PurgeOutcome, StoreError> {
+        timed("purge_finished", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            // One replica of a site purges at a time: a transaction-scoped advisory lock,
+            // named by the site's schema, taken without waiting. A replica that does not get
+            // it leaves the batch to the one that did (and no two replicas delete the same
+            // rows at once, which would only make them wait on each other's row locks).
+            let got: bool = tx
+                .query_one(
+                    "SELECT pg_try_advisory_xact_lock(hashtext('sitegate purge ' || $1))",
+                    &[&self.schema],
+                )
+                .await
+                .map_err(db)?
+                .get(0);
+            if !got {
+                return Ok(PurgeOutcome::OtherReplicaPurging);
+            }
+            let removed = tx
+                .execute(
+                    "DELETE FROM tasks WHERE id IN (
+                         SELECT id FROM tasks
+                         WHERE end_time >= 0 AND end_time < $1 AND state <> 'RUNNING'
+                         ORDER BY end_time LIMIT $2)",
+                    &[&ended_before, &i64::from(limit)],
+                )
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(PurgeOutcome::Removed(removed))
+        })
+        .await
+    }
+
+    async fn reclaim_space(&self, _max_pages: u32) -> Result<u64, StoreError> {
+        // PostgreSQL's autovacuum makes removed rows' space reusable; nothing to do here.
+        Ok(0)
+    }
+
+    async fn size_bytes(&self) -> Result<u64, StoreError> {
+        timed("size_bytes", async {
+            let client = self.client().await?;
+            let row = client
+                .query_one(
+                    "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::BIGINT
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relkind = 'r'",
+                    &[&self.schema],
+                )
+                .await
+                .map_err(db)?;
+            let bytes: i64 = row.get(0);
+            Ok(u64::try_from(bytes).unwrap_or(0))
         })
         .await
     }

@@ -90,6 +90,11 @@ impl TaskCache {
         self.entries.insert(task.id, entry(task));
     }
 
+    /// The writer thread, for each task a committed batch removed.
+    pub(crate) fn removed(&self, id: &Uuid) {
+        self.entries.remove(id);
+    }
+
     /// The writer thread, once a batch's tasks are in (or its commit failed).
     pub(crate) fn batch_closed(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -171,6 +176,21 @@ mod tests {
         let after = cache.ticket();
         cache.offer(after, &task(20));
         assert_eq!(cache.get(&Uuid::from_u128(7)).map(|t| t.progress), Some(20));
+    }
+
+    #[test]
+    fn a_removed_task_is_not_answered_even_if_offered_across_the_removal() {
+        let cache = TaskCache::new(DEFAULT_CAPACITY_BYTES);
+        cache.batch_opened();
+        cache.committed(&task(100));
+        cache.batch_closed();
+        let before = cache.ticket();
+        cache.batch_opened();
+        cache.removed(&Uuid::from_u128(7));
+        cache.batch_closed();
+        // A reader that read the row before the purge committed offers it afterwards.
+        cache.offer(before, &task(100));
+        assert!(cache.get(&Uuid::from_u128(7)).is_none());
     }
 
     #[test]

@@ -32,8 +32,8 @@ use sitegate_model::session::{RemoteSession, Role};
 use sitegate_model::task::{NewTask, Task, TaskPatch, TaskState, ValidPatch, WorkflowInfo};
 use sitegate_model::{ErrorEnvelope, NOT_YET};
 use sitegate_store::{
-    now_millis, CreateOutcome, EmbeddedStore, PostgresStore, SessionRecord, Store, StoreError,
-    TaskStore, TokenHash,
+    now_millis, CreateOutcome, EmbeddedStore, PostgresStore, PurgeOutcome, SessionRecord, Store,
+    StoreError, TaskStore, TokenHash,
 };
 use sitegate_testkit::PgCluster;
 use tempfile::TempDir;
@@ -287,6 +287,7 @@ conformance!(
     data_survives_reopening,
     instance_id_is_made_once_and_kept,
     store_handles_are_shared_clones,
+    purge_removes_old_finished_tasks_only,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -2976,12 +2977,292 @@ async fn store_handles_are_shared_clones(ctx: Ctx) {
     other.ping().await.unwrap();
 }
 
+/// Retention's store half: finished tasks that ended before the cutoff go, oldest first, at
+/// most `limit` per call; RUNNING tasks and newer finished ones stay; a removed task is
+/// unknown to every call afterwards.
+async fn purge_removes_old_finished_tasks_only(ctx: Ctx) {
+    let store = ctx.store.clone();
+    let running = create(&store, "alice", wf("sync", None, None, None)).await;
+    let first = create(&store, "alice", wf("sync", None, None, None)).await;
+    let second = create(&store, "bob", wf("failover", None, None, None)).await;
+    let first = store
+        .update_task(first.id, succeed(Some("t"), Some(json!({"n": 1}))))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let second = store
+        .update_task(second.id, fail(envelope("Boom", "it broke")))
+        .await
+        .unwrap();
+    assert!(first.end_time < second.end_time);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let cutoff = now_millis();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let late = create(&store, "carol", wf("sync", None, None, None)).await;
+    let late = store
+        .update_task(late.id, succeed(None, None))
+        .await
+        .unwrap();
+    assert!(late.end_time > cutoff);
+    let size = store.size_bytes().await.unwrap();
+    assert!(size > 0, "a store with tasks takes some space");
+
+    // Oldest first, one at a time.
+    assert_eq!(
+        store.purge_finished(cutoff, 1).await.unwrap(),
+        PurgeOutcome::Removed(1)
+    );
+    assert_eq!(
+        store.get_task(first.id).await.unwrap(),
+        None,
+        "oldest first"
+    );
+    assert_eq!(
+        store.get_task(second.id).await.unwrap(),
+        Some(second.clone())
+    );
+    assert_eq!(
+        store.purge_finished(cutoff, 10).await.unwrap(),
+        PurgeOutcome::Removed(1)
+    );
+    assert_eq!(
+        store.purge_finished(cutoff, 10).await.unwrap(),
+        PurgeOutcome::Removed(0)
+    );
+    for gone in [&first, &second] {
+        assert_eq!(store.get_task(gone.id).await.unwrap(), None);
+        assert_eq!(
+            store.update_task(gone.id, progress(5)).await,
+            Err(StoreError::TaskNotFound(gone.id))
+        );
+    }
+    assert_eq!(
+        store
+            .get_tasks(&[first.id, running.id, late.id], None)
+            .await
+            .unwrap(),
+        vec![running.clone(), late.clone()]
+    );
+    // Even a cutoff in the far future never takes a RUNNING task.
+    assert_eq!(
+        store.purge_finished(i64::MAX, 100).await.unwrap(),
+        PurgeOutcome::Removed(1)
+    );
+    let page = store.query_tasks(&query(""), None).await.unwrap();
+    assert_eq!((page.total, ids_of(&page.items)), (1, vec![running.id]));
+    assert_eq!(store.get_task(running.id).await.unwrap(), Some(running));
+    // Space comes back where the backend keeps its own file; either way the call succeeds.
+    let mut left = u64::MAX;
+    for _ in 0..100 {
+        left = store.reclaim_space(1000).await.unwrap();
+        if left == 0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0, "every free page is given back");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. One backend only
 // ---------------------------------------------------------------------------------------------
 
 mod embedded_only {
     use super::*;
+    use sitegate_store::backup;
+
+    fn sql(dir: &Path) -> rusqlite::Connection {
+        rusqlite::Connection::open(dir.join("sitegate.db")).unwrap()
+    }
+
+    /// The database file's size after the log is folded into it.
+    fn file_size_after_checkpoint(dir: &Path) -> u64 {
+        sql(dir)
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap();
+        std::fs::metadata(dir.join("sitegate.db")).unwrap().len()
+    }
+
+    /// Finished tasks with some bulk each, so that they fill many pages.
+    async fn finished_tasks(store: &Arc<dyn Store>, n: usize) -> Vec<Uuid> {
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let store = store.clone();
+            writes.spawn(async move {
+                let t = create(&store, "alice", wf("sync", None, None, None)).await;
+                let blob = "x".repeat(2000 + i % 7);
+                store
+                    .update_task(t.id, succeed(Some("blob"), Some(json!({ "blob": blob }))))
+                    .await
+                    .unwrap();
+                t.id
+            });
+        }
+        writes.join_all().await
+    }
+
+    /// A new store can give space back; after a purge, the file shrinks to a fraction.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn purged_space_goes_back_to_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let auto_vacuum: i64 = sql(dir.path())
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            auto_vacuum, 2,
+            "a new store is in incremental auto-vacuum mode"
+        );
+        let running = create(&store, "alice", wf("sync", None, None, None)).await;
+        let ids = finished_tasks(&store, 3000).await;
+        let before = file_size_after_checkpoint(dir.path());
+        assert!(before > 6_000_000, "3,000 tasks of 2 KB: {before} bytes");
+        let mut removed = 0;
+        loop {
+            match store.purge_finished(i64::MAX, 500).await.unwrap() {
+                PurgeOutcome::Removed(0) => break,
+                PurgeOutcome::Removed(n) => removed += n,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(removed, ids.len() as u64);
+        // Each call gives back up to 256 pages (not one page per call).
+        let mut calls = 0;
+        while store.reclaim_space(256).await.unwrap() > 0 {
+            calls += 1;
+        }
+        assert!(calls < 40, "{calls} calls to give back about 4,000 pages");
+        // The store folds its log back into the file itself once the space is back.
+        let after = std::fs::metadata(dir.path().join("sitegate.db"))
+            .unwrap()
+            .len();
+        eprintln!("file: {before} bytes with 3,000 finished tasks, {after} after the purge");
+        assert!(after * 10 < before, "{before} -> {after}");
+        assert_eq!(store.get_task(running.id).await.unwrap(), Some(running));
+    }
+
+    /// A store made before retention existed (no auto-vacuum) is rewritten once on open, with
+    /// its data, into a store that can give space back.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_older_store_is_converted_to_incremental_vacuum_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let t = create(&store, "alice", wf("sync", None, None, None)).await;
+        drop(store);
+        let conn = sql(dir.path());
+        conn.execute_batch("PRAGMA auto_vacuum = NONE; VACUUM;")
+            .unwrap();
+        let mode: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 0);
+        drop(conn);
+        let store: Arc<dyn Store> = Arc::new(reopen(dir.path()).await);
+        let mode: i64 = sql(dir.path())
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 2);
+        assert_eq!(store.get_task(t.id).await.unwrap(), Some(t));
+    }
+
+    /// A backup of an open store holds its tasks but no sessions, is one self-contained file,
+    /// and never overwrites; restore refuses a running site and a store with tasks (unless
+    /// forced), and puts the copy in place of whatever was there, old log included.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn backup_and_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&site).unwrap());
+        let kept = finished_tasks(&store, 50).await;
+        store
+            .create_session(session(
+                1,
+                "alice",
+                vec![Role::User],
+                now_millis(),
+                now_millis(),
+            ))
+            .await
+            .unwrap();
+        let out = dir.path().join("backup.db");
+        let report = backup::backup(&site, &out).unwrap();
+        assert_eq!(report.tasks, 50);
+        assert_eq!(report.schema_version, 6);
+        assert_eq!(report.bytes, std::fs::metadata(&out).unwrap().len());
+        assert!(!dir.path().join("backup.db-wal").exists());
+        assert!(!dir.path().join("backup.db.partial").exists());
+        let sessions: i64 = rusqlite::Connection::open(&out)
+            .unwrap()
+            .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sessions, 0, "sessions are not backed up");
+        match backup::backup(&site, &out) {
+            Err(StoreError::Database(msg)) => assert!(msg.contains("never overwrites"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+
+        // Written after the backup: gone once it is restored.
+        let later = create(&store, "bob", wf("sync", None, None, None)).await;
+        match backup::restore(&site, &out, true) {
+            Err(StoreError::Database(msg)) => assert!(msg.contains("stop the site"), "{msg}"),
+            other => panic!("restore into a running site: {other:?}"),
+        }
+        drop(store);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match backup::restore(&site, &out, false) {
+            Err(StoreError::Database(msg)) => {
+                assert!(msg.contains("51 tasks") && msg.contains("--force"), "{msg}")
+            }
+            other => panic!("restore over tasks without --force: {other:?}"),
+        }
+        let restored = backup::restore(&site, &out, true).unwrap();
+        assert_eq!(restored.tasks, 50);
+        let store: Arc<dyn Store> = Arc::new(reopen(&site).await);
+        assert_eq!(store.get_task(later.id).await.unwrap(), None);
+        assert_eq!(store.get_tasks(&kept, None).await.unwrap().len(), 50);
+        assert_eq!(store.count_sessions().await.unwrap(), 0);
+        drop(store);
+
+        // Into an empty place, no --force needed.
+        let fresh = dir.path().join("fresh");
+        backup::restore(&fresh, &out, false).unwrap();
+        let store: Arc<dyn Store> = Arc::new(reopen(&fresh).await);
+        assert_eq!(store.query_tasks(&query(""), None).await.unwrap().total, 50);
+    }
+
+    /// Restore refuses what is not a whole store of a schema this release knows, and leaves
+    /// the site's store as it was.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_refuses_bad_backups_and_newer_schemas() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        drop(EmbeddedStore::open(&site).unwrap());
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, b"not a database at all, just some bytes").unwrap();
+        match backup::restore(&site, &junk, true) {
+            Err(StoreError::Database(msg)) => assert!(msg.contains("not a usable"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        let source = dir.path().join("source");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&source).unwrap());
+        create(&store, "alice", wf("sync", None, None, None)).await;
+        let newer = dir.path().join("newer.db");
+        backup::backup(&source, &newer).unwrap();
+        rusqlite::Connection::open(&newer)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        match backup::restore(&site, &newer, true) {
+            Err(StoreError::Database(msg)) => assert!(
+                msg.contains("schema version 99") && msg.contains("downgrade is refused"),
+                "{msg}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let store: Arc<dyn Store> = Arc::new(reopen(&site).await);
+        assert_eq!(store.query_tasks(&query(""), None).await.unwrap().total, 0);
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn open_creates_missing_directories() {
@@ -3013,6 +3294,35 @@ mod embedded_only {
 
 mod postgres_only {
     use super::*;
+
+    /// While another replica holds the site's purge, a purge does nothing; once it is done,
+    /// the next one removes what is due.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn only_one_replica_purges_at_a_time() {
+        let url = new_database().await;
+        let store = connect(&url, "site_purge").await;
+        let t = create(&store, "alice", wf("sync", None, None, None)).await;
+        store.update_task(t.id, succeed(None, None)).await.unwrap();
+        let mut other = sql_client(&url).await;
+        let held = other.transaction().await.unwrap();
+        held.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('sitegate purge ' || 'site_purge'))",
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            store.purge_finished(i64::MAX, 100).await.unwrap(),
+            PurgeOutcome::OtherReplicaPurging
+        );
+        assert!(store.get_task(t.id).await.unwrap().is_some());
+        held.commit().await.unwrap();
+        assert_eq!(
+            store.purge_finished(i64::MAX, 100).await.unwrap(),
+            PurgeOutcome::Removed(1)
+        );
+        assert!(store.size_bytes().await.unwrap() > 0);
+    }
 
     /// How fast a call must fail while PostgreSQL is down.
     const FAIL_FAST: Duration = Duration::from_secs(6);
