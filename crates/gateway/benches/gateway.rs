@@ -5,8 +5,8 @@
 //!
 //! The store keeps every session in memory precisely so this path costs no database read; these
 //! figures show that it stays in the microsecond range and catch a change that puts I/O or a
-//! lock back on it. `SessionManager::authenticate` is private, so the layer is measured through
-//! a one-route router, beside a request without a token that gives the router's own cost.
+//! lock back on it. The layer is private, so it is measured through the small router
+//! `bench_support::auth_router` builds, beside a request without a token that gives the router's own cost.
 //! Run with `cargo bench -p sitegate-gateway --bench gateway`.
 
 use std::hint::black_box;
@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::routing::get;
-use axum::{middleware, Router};
+use axum::Router;
 use base64::Engine;
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::RngCore;
-use sitegate_gateway::auth::{self, hash_password, Caller, SessionManager, Users, AUTH_HEADER};
+use sitegate_gateway::auth::hash_password;
+use sitegate_gateway::bench_support::{self as auth, AUTH_HEADER};
 use sitegate_model::session::{Role, UserEntry, UsersFile};
 use sitegate_store::{now_millis, EmbeddedStore, SessionRecord, SessionStore, Store};
 use tokio::runtime::Runtime;
@@ -77,27 +77,23 @@ fn fixture(runtime: &Runtime) -> Fixture {
         assert_eq!(count, SESSIONS as u64, "every session was stored");
     });
 
-    let users = Users::from_file(UsersFile {
+    let users = UsersFile {
         users: vec![UserEntry {
             name: "alice".to_owned(),
             roles: vec![Role::User],
             password_hash: hash_password("bench-password").expect("a password hashes"),
             org: None,
         }],
-    })
-    .expect("the users file is valid");
+    };
     // Long enough that no session expires, and none is due a `last_seen` touch, while the
     // benchmarks run: the hit path measured is the common one, a pure read.
-    let sessions = Arc::new(SessionManager::new(
+    let router = auth::auth_router(
         store.clone() as Arc<dyn Store>,
         users,
         Duration::from_secs(8 * 3600),
         Duration::from_secs(24 * 3600),
-    ));
-    let router = Router::new()
-        .route("/whoami", get(|caller: Caller| async move { caller.user }))
-        .route("/open", get(|| async { "" }))
-        .layer(middleware::from_fn_with_state(sessions, auth::authenticate));
+    )
+    .expect("the users file is valid");
 
     Fixture {
         _dir: dir,

@@ -16,12 +16,11 @@ use tower::ServiceBuilder;
 use crate::auth::{self, SessionManager, Users};
 use crate::error::{ApiError, GatewayError};
 use crate::extract::BodyLimit;
+use crate::federation::Federation;
 use crate::handlers::{diagnostics, ops, sessions, sites, tasks, AppState, Readiness};
 use crate::layers::{self, RequestContext};
 use crate::limits::HeaderLimit;
-use crate::peer::{PeerClient, PeerSet};
 use crate::server::{self, Transport};
-use crate::sites::SiteResolver;
 use crate::throttle::LoginThrottle;
 use crate::tls::{ClientApiTls, PeerTls, ReloadableCertificates};
 
@@ -39,8 +38,6 @@ fn routes() -> Router<AppState> {
         )
         .route("/sessions/extend", post(sessions::extend))
         .route("/sessions/{site}", delete(sessions::drop_extension))
-        // Answered only on the peer link; elsewhere the handler answers as an unknown route.
-        .route("/peer/sessions", post(sessions::issue_for_peer))
         .route("/tasks", get(tasks::query).post(tasks::create))
         .route("/tasks/poll", post(tasks::poll))
         .route("/tasks/{task_id}", get(tasks::get_one).patch(tasks::patch))
@@ -64,9 +61,33 @@ fn routes() -> Router<AppState> {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 
-/// The API: routes wrapped in the layers every request passes, outermost first. Each
-/// listener gets its own (`budget`: the client API's or the peer link's request slots).
-pub fn client_api(
+/// The routes of the peer link: only what a peer calls. Sessions (a user's credentials, a
+/// multisite session for a user the peer vouches for, a logout), the reads a peer forwards
+/// for its callers, and the probe. No writes, no extension (a peer request is never
+/// forwarded again), no dashboard or documents: anything else is an unknown route.
+fn peer_routes() -> Router<AppState> {
+    Router::new()
+        .route("/sessions", post(sessions::login).delete(sessions::logout))
+        .route("/peer/sessions", post(sessions::issue_for_peer))
+        .route("/tasks", get(tasks::query))
+        .route("/tasks/poll", post(tasks::poll))
+        .route("/tasks/{task_id}", get(tasks::get_one))
+        .route("/healthz", get(ops::healthz))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+}
+
+/// Which listener a stack is for: its routes differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Listener {
+    ClientApi,
+    PeerLink,
+}
+
+/// The API: a listener's routes wrapped in the layers every request passes, outermost first.
+/// Each listener gets its own (`budget`: the client API's or the peer link's request slots).
+pub(crate) fn api(
+    listener: Listener,
     state: AppState,
     config: &SiteConfig,
     budget: Arc<crate::budget::RequestBudget>,
@@ -124,7 +145,11 @@ pub fn client_api(
         // 6. Body limit: read by the `JsonBody` extractor, which answers 413 in the envelope.
         .layer(Extension(BodyLimit(limits.max_body_bytes)))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes));
-    routes().with_state(state).layer(stack)
+    let routes = match listener {
+        Listener::ClientApi => routes(),
+        Listener::PeerLink => peer_routes(),
+    };
+    routes.with_state(state).layer(stack)
 }
 
 /// A site ready to serve: its store is open and its listeners bound.
@@ -134,31 +159,8 @@ pub struct Application {
     client_listener: TcpListener,
     /// The client API's HTTPS, when `listen.tls_cert` is set; plain HTTP otherwise.
     client_tls: Option<Arc<ClientApiTls>>,
-    /// The peer link, when peers are configured.
-    peer_link: Option<(TcpListener, Arc<PeerClient>)>,
-}
-
-/// Sets up the peer link: certificates, peers, client. `None` when no peers are configured.
-fn build_peer_client(config: &SiteConfig) -> Result<Option<Arc<PeerClient>>, GatewayError> {
-    let (Some(tls), false) = (&config.tls, config.peers.is_empty()) else {
-        return Ok(None);
-    };
-    let peers = Arc::new(
-        PeerSet::new(&config.peers, config.peering.connections_per_peer)
-            .map_err(GatewayError::PeerLink)?,
-    );
-    let tls = PeerTls::load(
-        tls.clone(),
-        config.site.name.clone(),
-        peers.names(),
-        peers.clone(),
-    )
-    .map_err(|e| GatewayError::PeerLink(e.to_string()))?;
-    Ok(Some(Arc::new(PeerClient::new(
-        peers,
-        Arc::new(tls),
-        config.peering.clone(),
-    ))))
+    /// The peer link's listener and certificates, when peers are configured.
+    peer_link: Option<(TcpListener, Arc<PeerTls>)>,
 }
 
 impl Application {
@@ -205,12 +207,7 @@ impl Application {
             )
             .with_login_throttle(LoginThrottle::from_config(&config.auth)),
         );
-        let peer_client = build_peer_client(&config)?;
-        let resolver = Arc::new(SiteResolver::new(
-            config.site.name.clone(),
-            config.site.description.clone(),
-            peer_client.clone(),
-        ));
+        let federation = Arc::new(Federation::from_config(&config)?);
         let client_listener = bind(config.listen.client).await?;
         let client_addr = client_listener
             .local_addr()
@@ -222,8 +219,8 @@ impl Application {
             store.instance_id().await?,
             client_addr.to_string(),
         ));
-        let peer_link = match (peer_client, config.listen.peer) {
-            (Some(client), Some(addr)) => Some((bind(addr).await?, client)),
+        let peer_link = match (federation.peer_tls(), config.listen.peer) {
+            (Some(tls), Some(addr)) => Some((bind(addr).await?, tls)),
             _ => None,
         };
         Ok(Application {
@@ -231,7 +228,7 @@ impl Application {
             state: AppState {
                 store,
                 sessions,
-                resolver,
+                federation,
                 readiness: Arc::new(Readiness::default()),
                 watch: Arc::default(),
                 build,
@@ -261,6 +258,12 @@ impl Application {
             .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
+    /// What the handlers share, for the in-process router tests.
+    #[cfg(test)]
+    pub(crate) fn state_for_tests(&self) -> AppState {
+        self.state.clone()
+    }
+
     /// The site's store, for in-process services such as the demo's task simulator.
     pub fn store(&self) -> Arc<dyn Store> {
         self.state.store.clone()
@@ -273,7 +276,8 @@ impl Application {
     /// Serves until `shutdown` resolves, then drains: `/readyz` turns 503, the listener
     /// closes, and in-flight requests get up to `limits.shutdown_grace_secs` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
-        let app = client_api(
+        let app = api(
+            Listener::ClientApi,
             self.state.clone(),
             &self.config,
             crate::budget::RequestBudget::new(
@@ -281,7 +285,8 @@ impl Application {
                 "requests on the client API",
             ),
         );
-        let peer_app = client_api(
+        let peer_app = api(
+            Listener::PeerLink,
             self.state.clone(),
             &self.config,
             crate::budget::RequestBudget::new(
@@ -302,8 +307,8 @@ impl Application {
         // listener's certificates where there are some. Installed whatever the site's shape,
         // so SIGHUP never stops a site.
         let mut certificates: Vec<(&'static str, Arc<dyn ReloadableCertificates>)> = Vec::new();
-        if let Some((_, client)) = &self.peer_link {
-            certificates.push(("peer link", client.tls().clone()));
+        if let Some((_, tls)) = &self.peer_link {
+            certificates.push(("peer link", tls.clone()));
         }
         if let Some(tls) = &self.client_tls {
             certificates.push(("client API", tls.clone()));
@@ -321,14 +326,17 @@ impl Application {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let peer_server = match self.peer_link {
-            Some((listener, client)) => {
-                background.push(tokio::spawn(client.clone().probe_forever()));
+            Some((listener, tls)) => {
+                let federation = self.state.federation.clone();
+                background.push(tokio::spawn(
+                    async move { federation.probe_forever().await },
+                ));
                 tracing::info!(peer_link = ?listener.local_addr().ok(), "peer link listening");
                 Some(tokio::spawn(server::serve(
                     listener,
                     peer_app,
                     limits,
-                    Transport::PeerLink(client.tls().clone()),
+                    Transport::PeerLink(tls),
                     stopped(stop_rx.clone()),
                 )))
             }

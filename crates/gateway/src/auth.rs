@@ -47,7 +47,7 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 }
 
 /// The users of this site, loaded once at start.
-pub struct Users {
+pub(crate) struct Users {
     by_name: HashMap<String, UserEntry>,
     /// Checked against when the user is unknown, so an unknown name costs the same time as a
     /// wrong password and names cannot be probed by timing.
@@ -55,7 +55,7 @@ pub struct Users {
 }
 
 impl Users {
-    pub fn from_file(file: UsersFile) -> Result<Self, String> {
+    pub(crate) fn from_file(file: UsersFile) -> Result<Self, String> {
         file.validate().map_err(|e| e.to_string())?;
         if file.users.is_empty() {
             return Err(
@@ -88,7 +88,7 @@ impl Users {
         })
     }
 
-    pub fn load(path: &Path) -> Result<Self, GatewayError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, GatewayError> {
         let err = |reason: String| GatewayError::Users {
             path: path.display().to_string(),
             reason,
@@ -100,19 +100,15 @@ impl Users {
     }
 
     /// How many users the file names.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_name.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
     }
 }
 
 /// Logs a warning when a file holding secrets has permission bits in `too_open` set (0o007:
 /// anyone may read it; 0o077: its group too). It is not refused: mounted secrets are often
 /// 0644, and the operator may know why; but it is said at every start and reload.
-pub fn warn_if_readable_by_others(path: &Path, what: &str, too_open: u32) {
+pub(crate) fn warn_if_readable_by_others(path: &Path, what: &str, too_open: u32) {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -135,7 +131,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Who is calling, once their token has been checked.
 #[derive(Clone, Debug)]
-pub struct Caller {
+pub(crate) struct Caller {
     pub user: String,
     pub roles: Vec<Role>,
     pub token_hash: TokenHash,
@@ -144,21 +140,21 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn is_admin(&self) -> bool {
+    pub(crate) fn is_admin(&self) -> bool {
         self.roles.contains(&Role::Admin)
     }
 
-    pub fn can_write_tasks(&self) -> bool {
+    pub(crate) fn can_write_tasks(&self) -> bool {
         self.is_admin() || self.roles.contains(&Role::Writer)
     }
 
     /// The session held at `site`, if the session is extended there.
-    pub fn remote_session(&self, site: &str) -> Option<&RemoteSession> {
+    pub(crate) fn remote_session(&self, site: &str) -> Option<&RemoteSession> {
         self.extensions.iter().find(|e| e.site == site)
     }
 
     /// The owner filter for reads: admins see every task, everyone else their own.
-    pub fn visibility(&self) -> Option<&str> {
+    pub(crate) fn visibility(&self) -> Option<&str> {
         if self.is_admin() {
             None
         } else {
@@ -176,7 +172,7 @@ enum AuthOutcome {
 }
 
 /// Logs users in and out and checks tokens.
-pub struct SessionManager {
+pub(crate) struct SessionManager {
     store: Arc<dyn Store>,
     /// The users file as last loaded; reloaded when it changes or on SIGHUP, and consulted on
     /// every request, so a removed user or role stops working at once.
@@ -190,7 +186,12 @@ pub struct SessionManager {
 }
 
 impl SessionManager {
-    pub fn new(store: Arc<dyn Store>, users: Users, idle: Duration, max_age: Duration) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        users: Users,
+        idle: Duration,
+        max_age: Duration,
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         SessionManager {
             store,
@@ -203,7 +204,7 @@ impl SessionManager {
     }
 
     /// Throttles failed logins; without this, logins are not throttled at all.
-    pub fn with_login_throttle(mut self, throttle: LoginThrottle) -> Self {
+    pub(crate) fn with_login_throttle(mut self, throttle: LoginThrottle) -> Self {
         self.throttle = throttle;
         self
     }
@@ -212,7 +213,7 @@ impl SessionManager {
     /// `address` is the client's, when the attempt should also count against it. A name or
     /// address locked by too many failures is refused before its password is checked, so a
     /// locked name cannot be guessed at, nor the CPU spent on argon2 for it.
-    pub async fn login(
+    pub(crate) async fn login(
         &self,
         user: &str,
         password: &str,
@@ -264,7 +265,7 @@ impl SessionManager {
     }
 
     /// The organisation `user` acts in here (session details' `org`).
-    pub fn org_of(&self, user: &str) -> String {
+    pub(crate) fn org_of(&self, user: &str) -> String {
         self.users
             .load()
             .by_name
@@ -274,7 +275,7 @@ impl SessionManager {
     }
 
     /// Puts a newly loaded users file in force; sessions follow it from the next request.
-    pub fn replace_users(&self, users: Users) {
+    pub(crate) fn replace_users(&self, users: Users) {
         self.users.store(Arc::new(users));
     }
 
@@ -285,7 +286,7 @@ impl SessionManager {
     /// (`trust_multisite_admin`), and never `writer` (the site's own services write tasks
     /// here, not another site). Unknown users, and users with no role a peer may assert, get
     /// none.
-    pub async fn issue_for_trusted_peer(
+    pub(crate) async fn issue_for_trusted_peer(
         &self,
         user: &str,
         peer: &sitegate_model::site::SiteName,
@@ -425,7 +426,7 @@ impl SessionManager {
     }
 
     /// Whether `user` may try a credentials extension to `site` now (429 when locked).
-    pub fn check_extension(&self, user: &str, site: &str) -> Result<(), ApiError> {
+    pub(crate) fn check_extension(&self, user: &str, site: &str) -> Result<(), ApiError> {
         self.throttle
             .check_extension(user, site, Instant::now())
             .map_err(|l| ApiError::TooManyAttempts {
@@ -434,7 +435,7 @@ impl SessionManager {
     }
 
     /// A credentials extension was refused by the peer; 429 once that locks the pair.
-    pub fn extension_failed(&self, user: &str, site: &str) -> Result<(), ApiError> {
+    pub(crate) fn extension_failed(&self, user: &str, site: &str) -> Result<(), ApiError> {
         match self
             .throttle
             .record_extension_failure(user, site, Instant::now())
@@ -446,14 +447,14 @@ impl SessionManager {
         }
     }
 
-    pub fn extension_succeeded(&self, user: &str, site: &str) {
+    pub(crate) fn extension_succeeded(&self, user: &str, site: &str) {
         self.throttle.record_extension_success(user, site);
     }
 
     /// Whether the caller's session still stands: not logged out, not expired, its user still
     /// in the users file. Held requests ask this as they wait, so a logout or an expiry ends
     /// them, not only the next request.
-    pub async fn is_alive(&self, caller: &Caller) -> bool {
+    pub(crate) async fn is_alive(&self, caller: &Caller) -> bool {
         let Ok(Some(record)) = self.store.get_session(caller.token_hash).await else {
             return false;
         };
@@ -466,7 +467,7 @@ impl SessionManager {
     }
 
     /// Keeps `remote` in the caller's session; every replica and a restart see it.
-    pub async fn add_extension(
+    pub(crate) async fn add_extension(
         &self,
         caller: &mut Caller,
         remote: RemoteSession,
@@ -484,7 +485,7 @@ impl SessionManager {
     }
 
     /// Drops the session held at `site`; returns it so it can be logged out there.
-    pub async fn remove_extension(
+    pub(crate) async fn remove_extension(
         &self,
         caller: &mut Caller,
         site: &str,
@@ -494,13 +495,13 @@ impl SessionManager {
         Ok(removed)
     }
 
-    pub async fn logout(&self, caller: &Caller) -> Result<(), ApiError> {
+    pub(crate) async fn logout(&self, caller: &Caller) -> Result<(), ApiError> {
         self.store.delete_session(caller.token_hash).await?;
         Ok(())
     }
 
     /// Deletes expired sessions; run periodically so the table does not grow without bound.
-    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+    pub(crate) async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = now_millis();
         self.store
             .purge_sessions(now - self.idle_timeout_ms, now - self.max_age_ms)
@@ -515,7 +516,7 @@ pub fn token_hash(token: &str) -> TokenHash {
 /// The auth layer: resolves the `X-VCAV-Auth` token, when there is one, before routing. Handlers
 /// that need a caller take the [`Caller`] extractor, which turns a missing or refused token
 /// into `NotAuthenticated`; the operations endpoints and login do not, so they never fail here.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     State(sessions): State<Arc<SessionManager>>,
     mut req: Request,
     next: Next,

@@ -27,14 +27,14 @@ use crate::layers::Deadline;
 const GIVE_UP_BEFORE_DEADLINE: Duration = Duration::from_millis(50);
 
 /// Request slots of one listener.
-pub struct RequestBudget {
+pub(crate) struct RequestBudget {
     slots: Arc<Semaphore>,
     /// For the refusal's message: "requests on the client API".
     what: &'static str,
 }
 
 impl RequestBudget {
-    pub fn new(slots: usize, what: &'static str) -> Arc<Self> {
+    pub(crate) fn new(slots: usize, what: &'static str) -> Arc<Self> {
         Arc::new(RequestBudget {
             slots: Arc::new(Semaphore::new(slots)),
             what,
@@ -44,13 +44,13 @@ impl RequestBudget {
 
 /// Whether a request is held by design (a blocking read or an event stream): the cheap look
 /// the layers take before routing. The handler counts it against the [`HeldBudget`].
-pub fn is_held(req: &Request) -> bool {
+pub(crate) fn is_held(req: &Request) -> bool {
     req.uri().path().ends_with("/events")
         || !sitegate_model::watch::requested_wait(req.uri().query()).is_zero()
 }
 
 /// The request budget as a layer (inside the deadline layer, which it reads).
-pub async fn limit_requests(
+pub(crate) async fn limit_requests(
     State(budget): State<Arc<RequestBudget>>,
     req: Request,
     next: Next,
@@ -84,12 +84,12 @@ pub async fn limit_requests(
 
 /// Held requests, per user and in total. User names come from authenticated sessions, so
 /// the map's keys are a bounded set (this site's users); an entry leaves with its last slot.
-pub struct HeldBudget {
+pub(crate) struct HeldBudget {
     per_user: usize,
     total: usize,
     held: Mutex<Held>,
     /// How long an event stream may last.
-    pub max_stream: Duration,
+    pub(crate) max_stream: Duration,
 }
 
 #[derive(Default)]
@@ -99,15 +99,15 @@ struct Held {
 }
 
 /// One held request's place in the budget; given back when dropped.
-pub struct HeldSlot {
+pub(crate) struct HeldSlot {
     budget: Arc<HeldBudget>,
     user: String,
     /// When the request started holding (for the stream lifetime).
-    pub since: Instant,
+    pub(crate) since: Instant,
 }
 
 impl HeldBudget {
-    pub fn new(per_user: usize, total: usize, max_stream: Duration) -> Arc<Self> {
+    pub(crate) fn new(per_user: usize, total: usize, max_stream: Duration) -> Arc<Self> {
         Arc::new(HeldBudget {
             per_user,
             total,
@@ -118,7 +118,7 @@ impl HeldBudget {
 
     /// A slot for one held request of `user`, or why not: the user's own limit first (429),
     /// then the site's (503), so one user at their limit is told it is theirs.
-    pub fn hold(self: &Arc<Self>, user: &str) -> Result<HeldSlot, ApiError> {
+    pub(crate) fn hold(self: &Arc<Self>, user: &str) -> Result<HeldSlot, ApiError> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let mine = held.by_user.get(user).copied().unwrap_or(0);
         if mine >= self.per_user {
@@ -143,7 +143,8 @@ impl HeldBudget {
     }
 
     /// Held requests open now, in total.
-    pub fn in_use(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_use(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 }

@@ -8,11 +8,11 @@ use sitegate_model::{ErrorCode, ErrorEnvelope, ModelError};
 use sitegate_store::StoreError;
 use uuid::Uuid;
 
-use crate::peer::PeerError;
+use crate::federation::PeerError;
 
 /// Why a request failed, tagged by where the fault lies: the caller (4xx) or this site (5xx).
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// The caller sent something malformed or out of range.
     #[error("{0}")]
     BadInput(String),

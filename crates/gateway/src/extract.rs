@@ -14,7 +14,7 @@ use crate::layers::Deadline;
 
 /// The body limit the router enforces, for the 413 message.
 #[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub(crate) struct BodyLimit(pub(crate) usize);
 
 /// A JSON body. Malformed JSON, a wrong shape, unknown fields and oversized bodies are all
 /// `BadUserInput` (413 for the last) with a message that says what was wrong.
@@ -23,7 +23,7 @@ pub struct BodyLimit(pub usize);
 /// list), which are arrays: serde would otherwise also read a struct from an array of its
 /// fields in order, so `[]` would pass as an empty patch and `["localUser", name, password]`
 /// as a login.
-pub struct JsonBody<T>(pub T);
+pub(crate) struct JsonBody<T>(pub(crate) T);
 
 /// Whether `T` is read from a JSON array, found by asking its `Deserialize` impl which kind
 /// of value it wants first.
@@ -130,7 +130,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 /// The `{taskId}` path segment, parsed as a canonical UUID.
-pub struct TaskIdPath(pub Uuid);
+pub(crate) struct TaskIdPath(pub(crate) Uuid);
 
 impl<S: Send + Sync> FromRequestParts<S> for TaskIdPath {
     type Rejection = ApiError;
@@ -144,7 +144,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskIdPath {
 }
 
 /// The site a request came from over the peer link; `None` for the client API. Never fails.
-pub struct Origin(pub Option<sitegate_model::site::SiteName>);
+pub(crate) struct Origin(pub(crate) Option<sitegate_model::site::SiteName>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Origin {
     type Rejection = std::convert::Infallible;
@@ -162,10 +162,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Origin {
 /// What a forwarded request carries along: the operation ID, the caller's `Accept`, and the
 /// deadline. Never fails.
 #[derive(Clone)]
-pub struct RequestMeta {
-    pub operation_id: Option<sitegate_model::operation::OperationId>,
-    pub accept: Option<axum::http::HeaderValue>,
-    pub deadline: Option<std::time::Instant>,
+pub(crate) struct RequestMeta {
+    pub(crate) operation_id: Option<sitegate_model::operation::OperationId>,
+    pub(crate) accept: Option<axum::http::HeaderValue>,
+    pub(crate) deadline: Option<std::time::Instant>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
@@ -184,7 +184,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
 }
 
 /// A single `{site}` path segment, undecoded-safe.
-pub struct SitePath(pub String);
+pub(crate) struct SitePath(pub(crate) String);
 
 impl<S: Send + Sync> FromRequestParts<S> for SitePath {
     type Rejection = ApiError;

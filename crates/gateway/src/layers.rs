@@ -14,24 +14,24 @@ use tracing::Instrument;
 use crate::error::ApiError;
 
 /// The header that carries the operation ID, as the original API spells it.
-pub const OPERATION_ID_HEADER: &str = "operationID";
+pub(crate) const OPERATION_ID_HEADER: &str = "operationID";
 
 /// The address a request came from, put in its extensions by the accept loop.
 #[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
 
 /// Set on every request that arrived over the peer link: the site whose certificate the
 /// connection presented.
 #[derive(Clone, Debug)]
-pub struct PeerOrigin(pub sitegate_model::site::SiteName);
+pub(crate) struct PeerOrigin(pub(crate) sitegate_model::site::SiteName);
 
 /// When the request's answer stops being useful; forwarded requests inherit it.
 #[derive(Clone, Copy, Debug)]
-pub struct Deadline(pub Instant);
+pub(crate) struct Deadline(pub(crate) Instant);
 
 /// The load balancers whose `X-Forwarded-For` is believed (`listen.trusted_proxies`).
 #[derive(Clone, Debug, Default)]
-pub struct TrustedProxies(pub std::sync::Arc<Vec<ipnet::IpNet>>);
+pub(crate) struct TrustedProxies(pub(crate) std::sync::Arc<Vec<ipnet::IpNet>>);
 
 impl TrustedProxies {
     fn contains(&self, ip: std::net::IpAddr) -> bool {
@@ -42,7 +42,7 @@ impl TrustedProxies {
     /// entries the proxies appended), the first address that is not a trusted proxy. `None`
     /// when the connection is not from a trusted proxy, or the header says nothing usable;
     /// entries further left than that address are the client's own claims and never used.
-    pub fn client_behind(
+    pub(crate) fn client_behind(
         &self,
         peer: std::net::IpAddr,
         headers: &axum::http::HeaderMap,
@@ -70,7 +70,7 @@ impl TrustedProxies {
 /// Outermost on the client API when `listen.trusted_proxies` is set: a request that came
 /// through a trusted load balancer gets the client's address (from `X-Forwarded-For`) as its
 /// [`ClientAddr`], for login throttling and the access log.
-pub async fn forwarded_client(
+pub(crate) async fn forwarded_client(
     State(proxies): State<TrustedProxies>,
     mut req: Request,
     next: Next,
@@ -88,8 +88,8 @@ pub async fn forwarded_client(
 
 /// What the operation-ID layer knows about the site, for its span and access log.
 #[derive(Clone)]
-pub struct RequestContext {
-    pub site: String,
+pub(crate) struct RequestContext {
+    pub(crate) site: String,
 }
 
 /// Outermost layer: gives every request an operation ID (the caller's, or a new UUID), opens
@@ -98,7 +98,7 @@ pub struct RequestContext {
 /// It is outermost so that every response, including errors produced by inner layers, carries
 /// the header and is logged. A malformed operation ID is refused here, and the response carries
 /// a fresh one instead: the raw value is never reflected.
-pub async fn operation_id(
+pub(crate) async fn operation_id(
     State(ctx): State<RequestContext>,
     mut req: Request,
     next: Next,
@@ -137,22 +137,31 @@ pub async fn operation_id(
         quiet,
     );
     req.extensions_mut().insert(op.clone());
-    let (mut response, target_site) = match refusal {
-        Some(err) => (span.in_scope(|| err.into_response()), None),
-        None => crate::telemetry::with_target_site(next.run(req).instrument(span.clone())).await,
+    let mut response = match refusal {
+        Some(err) => span.in_scope(|| err.into_response()),
+        None => next.run(req).instrument(span.clone()).await,
     };
+    // The site the handler answered for, if it resolved one (a response extension: resolving
+    // a site records nothing by itself).
+    let target_site = response
+        .extensions()
+        .get::<crate::federation::TargetSite>()
+        .map(|t| t.0.clone());
+    if let Some(site) = &target_site {
+        span.record("target_site", &**site);
+    }
     if let Ok(value) = HeaderValue::from_str(op.as_str()) {
         response.headers_mut().insert(OPERATION_ID_HEADER, value);
     }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let target_site = target_site.unwrap_or_default();
+    let target_site: &str = target_site.as_deref().unwrap_or_default();
     span.record("http.response.status_code", status);
     let labels = [
         ("route", route),
         ("method", method_label(&method).to_owned()),
         ("status", status.to_string()),
-        ("target_site", target_site.clone()),
+        ("target_site", target_site.to_owned()),
     ];
     metrics::counter!("sitegate_requests_total", &labels).increment(1);
     metrics::histogram!("sitegate_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
@@ -200,7 +209,7 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 
 /// Answers JSON with the vendor media type (`application/vnd.vmware.h4-v<ver>+json;charset=UTF-8`) when the
 /// caller asked for it, as the original API does; plain `application/json` otherwise.
-pub async fn negotiate_media_type(req: Request, next: Next) -> Response {
+pub(crate) async fn negotiate_media_type(req: Request, next: Next) -> Response {
     let vendor = req
         .headers()
         .get(ACCEPT)
@@ -222,7 +231,7 @@ pub async fn negotiate_media_type(req: Request, next: Next) -> Response {
 }
 
 /// The first vendor type in an `Accept` header, if any: `application/vnd.vmware.h4-v4+json`.
-pub fn vendor_media_type(accept: &str) -> Option<String> {
+pub(crate) fn vendor_media_type(accept: &str) -> Option<String> {
     accept.split(',').find_map(|range| {
         let media = range.split(';').next()?.trim().to_ascii_lowercase();
         let version = media
@@ -240,12 +249,16 @@ pub fn vendor_media_type(accept: &str) -> Option<String> {
 /// the time its caller has left, and gets no more than that.
 ///
 /// A blocking read (`waitForChange=true`) gets its wait on top: holding it is the point.
-pub async fn deadline(State(limit): State<Duration>, mut req: Request, next: Next) -> Response {
+pub(crate) async fn deadline(
+    State(limit): State<Duration>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let mut limit = limit + sitegate_model::watch::requested_wait(req.uri().query());
     if req.extensions().get::<PeerOrigin>().is_some() {
         let left = req
             .headers()
-            .get(crate::peer::DEADLINE_HEADER)
+            .get(crate::federation::DEADLINE_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(ms) = left {

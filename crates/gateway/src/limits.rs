@@ -22,14 +22,18 @@ use crate::layers::OPERATION_ID_HEADER;
 
 /// `limits.max_header_bytes`, the state of [`header_size`].
 #[derive(Clone, Copy, Debug)]
-pub struct HeaderLimit(pub usize);
+pub(crate) struct HeaderLimit(pub(crate) usize);
 
 /// Refuses a request whose headers together exceed the limit with 431 and the envelope.
 ///
 /// hyper enforces only a hard cap on the whole head, above this one, and answers it with a
 /// bare 431 that has no body; this check is the one callers normally meet. Headers are counted
 /// as they travel in HTTP/1: name, `": "`, value and CRLF each.
-pub async fn header_size(State(limit): State<HeaderLimit>, req: Request, next: Next) -> Response {
+pub(crate) async fn header_size(
+    State(limit): State<HeaderLimit>,
+    req: Request,
+    next: Next,
+) -> Response {
     let size: usize = req
         .headers()
         .iter()
@@ -53,7 +57,7 @@ const PROTOCOL_HTTP2: u8 = 2;
 /// What one client connection has done, shared by its socket wrapper ([`ClientIo`]), the
 /// service that counts its requests and the task that serves it. Lives as long as the
 /// connection.
-pub struct ClientConnection {
+pub(crate) struct ClientConnection {
     /// When the connection was accepted; `last_traffic_ms` counts from here.
     accepted: Instant,
     /// Milliseconds after `accepted` at which a byte was last read or written.
@@ -92,7 +96,7 @@ impl ClientConnection {
 
     /// Called by the service for each request it receives; the request counts as in flight
     /// until the returned guard is dropped.
-    pub fn request_started(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn request_started(self: &Arc<Self>) -> InFlight {
         self.requests_started.fetch_add(1, Ordering::Relaxed);
         self.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
@@ -166,7 +170,7 @@ impl ClientConnection {
 }
 
 /// A request of a [`ClientConnection`] whose answer is being produced.
-pub struct InFlight(Arc<ClientConnection>);
+pub(crate) struct InFlight(Arc<ClientConnection>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -177,7 +181,7 @@ impl Drop for InFlight {
 /// A client API stream (TCP, or TLS over it: the bytes counted are the HTTP ones) that records
 /// its traffic in its [`ClientConnection`] and, when asked, hands the stream back on drop
 /// instead of closing it.
-pub struct ClientIo<I> {
+pub(crate) struct ClientIo<I> {
     /// The stream; `None` only once dropped.
     stream: Option<I>,
     connection: Arc<ClientConnection>,
@@ -191,20 +195,20 @@ pub struct ClientIo<I> {
 
 /// The serving task's side of a [`ClientIo`]: the connection's record, and the stream back
 /// when it is wanted to say 408.
-pub struct Watched<I> {
+pub(crate) struct Watched<I> {
     connection: Arc<ClientConnection>,
     parked: Arc<Mutex<Option<I>>>,
 }
 
 impl<I> Watched<I> {
     /// The record the connection's service reports its requests to.
-    pub fn connection(&self) -> Arc<ClientConnection> {
+    pub(crate) fn connection(&self) -> Arc<ClientConnection> {
         self.connection.clone()
     }
 }
 
 impl<I> ClientIo<I> {
-    pub fn new(stream: I) -> (Self, Watched<I>) {
+    pub(crate) fn new(stream: I) -> (Self, Watched<I>) {
         let connection = Arc::new(ClientConnection::new());
         let parked = Arc::new(Mutex::new(None));
         let io = ClientIo {
@@ -403,7 +407,7 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// read timeout) ends the connection is answered `408` with the envelope before the close;
 /// anyone else is just disconnected, as an idle keep-alive connection is, since a 408 there
 /// could be taken as the answer to a request sent at that moment.
-pub async fn serve_client_connection<I: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn serve_client_connection<I: AsyncRead + AsyncWrite + Unpin>(
     connection: impl std::future::Future<Output = Result<(), BoxError>>,
     watched: Watched<I>,
     head_timeout: Duration,

@@ -41,7 +41,7 @@ use crate::layers::OPERATION_ID_HEADER;
 
 /// The security scheme of the `X-VCAV-Auth` session token; operations that need a session
 /// name it (`security(("session" = []))`).
-pub const SESSION_SCHEME: &str = "session";
+pub(crate) const SESSION_SCHEME: &str = "session";
 
 /// The client API.
 #[derive(OpenApi)]
@@ -88,7 +88,7 @@ pub const SESSION_SCHEME: &str = "session";
         (name = "operations", description = "For load balancers and orchestrators; no session needed."),
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// The document before [`LocalSite`] names the site serving it, built once.
 static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::openapi);
@@ -104,11 +104,11 @@ static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::open
             body = Object, content_type = "application/json"),
     )
 )]
-pub async fn openapi_json(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub(crate) async fn openapi_json(State(state): State<AppState>) -> Result<Response, ApiError> {
     // Built per request (a few milliseconds unoptimised): it is not a hot path, and one
     // process may serve several sites (`sitegate demo`).
     let mut doc = DOCUMENT.clone();
-    LocalSite(state.resolver.local_name().as_str()).modify(&mut doc);
+    LocalSite(state.federation.local_name().as_str()).modify(&mut doc);
     let body = serde_json::to_vec(&doc)
         .map_err(|e| ApiError::Internal(format!("serializing the OpenAPI document: {e}")))?;
     Ok((
@@ -121,7 +121,7 @@ pub async fn openapi_json(State(state): State<AppState>) -> Result<Response, Api
 /// What depends on the site serving the document: the requests its name makes invalid.
 /// Tasks are written only at the local site (a peer's name is `BadUserInput`, any other
 /// `SiteNotFound`), and the local site can be neither extended to nor dropped from a session.
-pub struct LocalSite<'a>(pub &'a str);
+pub(crate) struct LocalSite<'a>(pub &'a str);
 
 impl LocalSite<'_> {
     /// `not: {const: <local>}`, a keyword utoipa's schema objects do not model.
@@ -387,7 +387,7 @@ fn string_enum(values: &[&str]) -> ObjectBuilder {
 /// `TaskPatch::validate` ties them together. Progress and warnings alone (state absent or
 /// `RUNNING`); or `SUCCEEDED` with an optional `resultType`/`result` and no error; or `FAILED`
 /// with an error and no result. A `null` field counts as absent, as serde reads it.
-pub struct TaskPatchRequest;
+pub(crate) struct TaskPatchRequest;
 
 impl PartialSchema for TaskPatchRequest {
     fn schema() -> RefOr<Schema> {
@@ -451,7 +451,7 @@ impl ToSchema for TaskPatchRequest {
 
 /// The answer of `GET /tasks`: a page, or with `site=*` a merged page that also names the
 /// sites that could not answer.
-pub struct TaskListAnswer;
+pub(crate) struct TaskListAnswer;
 
 impl PartialSchema for TaskListAnswer {
     fn schema() -> RefOr<Schema> {
@@ -479,7 +479,7 @@ impl ToSchema for TaskListAnswer {
 
 /// The body of `POST /tasks/poll`: task IDs, at most
 /// [`sitegate_model::task::MAX_POLL_IDS`].
-pub struct PollRequest;
+pub(crate) struct PollRequest;
 
 impl PartialSchema for PollRequest {
     fn schema() -> RefOr<Schema> {
@@ -500,7 +500,7 @@ impl ToSchema for PollRequest {}
 /// The `resourceType` filter of `GET /tasks`: a comma list of resource types, at most
 /// [`sitegate_model::query::MAX_LIST_VALUES`]; each entry is trimmed and empty ones skipped,
 /// so an entry holds no comma and no control character.
-pub struct ResourceTypes;
+pub(crate) struct ResourceTypes;
 
 impl PartialSchema for ResourceTypes {
     fn schema() -> RefOr<Schema> {
@@ -524,7 +524,7 @@ impl ToSchema for ResourceTypes {}
 /// The `ids` filter of `GET /tasks`: task IDs, at most
 /// [`sitegate_model::query::MAX_IDS_FILTER`]. Empty entries (`ids=a,,b`, or `ids=`) are
 /// skipped, as `sitegate_model::query` reads them.
-pub struct TaskIds;
+pub(crate) struct TaskIds;
 
 impl PartialSchema for TaskIds {
     fn schema() -> RefOr<Schema> {
@@ -549,7 +549,7 @@ impl ToSchema for TaskIds {}
 /// The blocking-read parameters of `GET /tasks/{taskId}`, as one exploded query object because
 /// they go together (`sitegate_model::watch::GetOneQuery`): `waitForChange=true` needs
 /// `lastUpdated` and may take `timeout`; without it neither may be sent.
-pub struct BlockingRead;
+pub(crate) struct BlockingRead;
 
 impl PartialSchema for BlockingRead {
     fn schema() -> RefOr<Schema> {
@@ -603,7 +603,7 @@ impl ToSchema for BlockingRead {}
 
 /// The `sort` parameter of `GET /tasks`: fields, each at most once, `-` before or after one
 /// for descending (`sitegate_model::query::parse_sort`).
-pub struct SortKeys;
+pub(crate) struct SortKeys;
 
 /// The fields `GET /tasks` sorts by, as `sitegate_model::query` names them.
 const SORT_FIELDS: [&str; 13] = [
@@ -658,7 +658,7 @@ impl ToSchema for SortKeys {}
 
 /// One event of `GET /tasks/{taskId}/events`, as OpenAPI 3.1 describes a Server-Sent Event:
 /// its `event` name and its `data`, here a task as JSON.
-pub struct TaskEvent;
+pub(crate) struct TaskEvent;
 
 impl PartialSchema for TaskEvent {
     fn schema() -> RefOr<Schema> {
@@ -687,7 +687,7 @@ impl ToSchema for TaskEvent {
 /// `{"status": "..."}`, the body of `/healthz` and `/readyz`.
 #[derive(ToSchema)]
 #[allow(dead_code)] // Only its schema is used: the handlers answer with `json!`.
-pub struct ProbeStatus {
+pub(crate) struct ProbeStatus {
     /// `ok` from `/healthz`, `ready` from `/readyz`.
     status: String,
 }

@@ -28,7 +28,7 @@ use crate::tls::{ClientApiTls, PeerTls};
 
 /// What a listener speaks below HTTP.
 #[derive(Clone)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// The client API: plain TCP (TLS is terminated in front, if at all).
     Plain,
     /// The peer link: TLS 1.3 with a required client certificate naming a configured peer.
@@ -58,12 +58,12 @@ fn head_buffer_bytes(max_header_bytes: usize) -> usize {
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct ServeLimits {
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub shutdown_grace: Duration,
+pub(crate) struct ServeLimits {
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// `limits.max_header_bytes`, from which hyper's own backstop is derived.
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
 }
 
 impl From<&LimitsConfig> for ServeLimits {
@@ -156,7 +156,7 @@ async fn serve_client<I>(
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits (at
 /// most the grace period) for open connections to finish their requests.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,

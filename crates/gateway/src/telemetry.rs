@@ -13,7 +13,7 @@
 
 use std::cell::Cell;
 use std::io::IsTerminal;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -321,29 +321,6 @@ pub fn inject(span: &Span, headers: &mut HeaderMap) {
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
 }
 
-tokio::task_local! {
-    /// The site the current request was routed to, for its metrics and access log.
-    static TARGET_SITE: Arc<Mutex<Option<String>>>;
-}
-
-/// Records the site the current request is answered by (the resolver calls it).
-pub fn note_target_site(site: &str) {
-    let _ = TARGET_SITE.try_with(|slot| {
-        if let Ok(mut slot) = slot.lock() {
-            *slot = Some(site.to_owned());
-        }
-    });
-    Span::current().record("target_site", site);
-}
-
-/// Runs `fut` with a slot for [`note_target_site`]; returns its output and the site noted.
-pub async fn with_target_site<F: std::future::Future>(fut: F) -> (F::Output, Option<String>) {
-    let slot = Arc::new(Mutex::new(None));
-    let out = TARGET_SITE.scope(slot.clone(), fut).await;
-    let site = slot.lock().ok().and_then(|mut s| s.take());
-    (out, site)
-}
-
 static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once); later calls return the same handle.
@@ -507,18 +484,5 @@ where
         }
         let text = serde_json::to_string(&line).map_err(|_| std::fmt::Error)?;
         writeln!(writer, "{text}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn target_site_is_captured_within_the_scope() {
-        let ((), site) = with_target_site(async { note_target_site("site2") }).await;
-        assert_eq!(site.as_deref(), Some("site2"));
-        let ((), none) = with_target_site(async {}).await;
-        assert_eq!(none, None);
     }
 }

@@ -38,17 +38,17 @@ use sitegate_model::session::validate_user_name;
 
 /// Most user names, and most addresses, tracked at once. An entry holds at most its limit of
 /// failure times, so this bounds the throttle's memory to a few megabytes.
-pub const MAX_TRACKED: usize = 10_000;
+pub(crate) const MAX_TRACKED: usize = 10_000;
 
 /// When failures lock a key, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ThrottleRule {
+pub(crate) struct ThrottleRule {
     /// Failures within `window` that lock the key; 0 turns this rule off.
-    pub max_failures: u32,
-    pub window: Duration,
+    pub(crate) max_failures: u32,
+    pub(crate) window: Duration,
     /// The first lockout; each further one doubles.
-    pub first_lockout: Duration,
-    pub max_lockout: Duration,
+    pub(crate) first_lockout: Duration,
+    pub(crate) max_lockout: Duration,
 }
 
 /// The failures of one user name or address.
@@ -184,7 +184,7 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
 
 /// The throttle key of a client address: IPv4 addresses as they are, IPv6 by their /64.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum AddressKey {
+pub(crate) enum AddressKey {
     V4(u32),
     V6Prefix(u64),
     /// A peer site relaying logins (credentials extensions): one site, one address. Only
@@ -220,18 +220,18 @@ impl std::fmt::Display for AddressKey {
 
 /// Refused: too many failed logins; try again after this long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Locked {
-    pub retry_after: Duration,
+pub(crate) struct Locked {
+    pub(crate) retry_after: Duration,
 }
 
 /// The per-user and per-address failure counters of one process.
-pub struct LoginThrottle {
+pub(crate) struct LoginThrottle {
     per_user: Option<Limiter<String>>,
     per_address: Option<Limiter<AddressKey>>,
 }
 
 impl LoginThrottle {
-    pub fn new(per_user: ThrottleRule, per_address: ThrottleRule, capacity: usize) -> Self {
+    pub(crate) fn new(per_user: ThrottleRule, per_address: ThrottleRule, capacity: usize) -> Self {
         LoginThrottle {
             per_user: Limiter::new(per_user, capacity),
             per_address: Limiter::new(per_address, capacity),
@@ -239,7 +239,7 @@ impl LoginThrottle {
     }
 
     /// The throttle `[auth]` asks for.
-    pub fn from_config(auth: &AuthConfig) -> Self {
+    pub(crate) fn from_config(auth: &AuthConfig) -> Self {
         let rule = |max_failures| ThrottleRule {
             max_failures,
             window: Duration::from_secs(auth.login_failure_window_secs),
@@ -254,7 +254,7 @@ impl LoginThrottle {
     }
 
     /// No throttling at all (benchmarks and tests of other things).
-    pub fn off() -> Self {
+    pub(crate) fn off() -> Self {
         LoginThrottle {
             per_user: None,
             per_address: None,
@@ -267,7 +267,7 @@ impl LoginThrottle {
     }
 
     /// Whether a login attempt may go on to the password check.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         user: &str,
         address: Option<&AddressKey>,
@@ -291,7 +291,7 @@ impl LoginThrottle {
 
     /// Counts a failed attempt against the name and the address; returns the lockout it
     /// started, if it started one (the longer, if both).
-    pub fn record_failure(
+    pub(crate) fn record_failure(
         &self,
         user: &str,
         address: Option<&AddressKey>,
@@ -329,7 +329,12 @@ impl LoginThrottle {
     }
 
     /// Whether `user` may try a credentials extension to `site` now.
-    pub fn check_extension(&self, user: &str, site: &str, now: Instant) -> Result<(), Locked> {
+    pub(crate) fn check_extension(
+        &self,
+        user: &str,
+        site: &str,
+        now: Instant,
+    ) -> Result<(), Locked> {
         match self
             .per_user
             .as_ref()
@@ -341,7 +346,12 @@ impl LoginThrottle {
     }
 
     /// Counts a refused credentials extension; the lockout it started, if any.
-    pub fn record_extension_failure(&self, user: &str, site: &str, now: Instant) -> Option<Locked> {
+    pub(crate) fn record_extension_failure(
+        &self,
+        user: &str,
+        site: &str,
+        now: Instant,
+    ) -> Option<Locked> {
         let lockout = self
             .per_user
             .as_ref()
@@ -357,14 +367,14 @@ impl LoginThrottle {
         })
     }
 
-    pub fn record_extension_success(&self, user: &str, site: &str) {
+    pub(crate) fn record_extension_success(&self, user: &str, site: &str) {
         if let Some(limiter) = &self.per_user {
             limiter.forget(&Self::extension_key(user, site));
         }
     }
 
     /// Forgets the user name's failures and lockouts after a successful login.
-    pub fn record_success(&self, user: &str) {
+    pub(crate) fn record_success(&self, user: &str) {
         if let (Some(limiter), Some(key)) = (&self.per_user, Self::user_key(user)) {
             limiter.forget(&key);
         }

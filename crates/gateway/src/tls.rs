@@ -32,7 +32,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Why certificates could not be loaded.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("cannot read {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("{0}")]
@@ -41,7 +41,7 @@ pub enum TlsError {
 
 /// Told about every client certificate the peer listener checks, so link health can report
 /// incoming failures per peer.
-pub trait HandshakeObserver: Send + Sync + std::fmt::Debug {
+pub(crate) trait HandshakeObserver: Send + Sync + std::fmt::Debug {
     fn incoming_handshake(&self, site: &SiteName, outcome: Result<(), String>);
 }
 
@@ -56,7 +56,7 @@ struct Loaded {
 
 /// The peer link's TLS, reloadable without a restart. New connections use the newest
 /// certificates; established ones keep theirs until they close.
-pub struct PeerTls {
+pub(crate) struct PeerTls {
     files: TlsConfig,
     peers: Vec<SiteName>,
     observer: Arc<dyn HandshakeObserver>,
@@ -105,7 +105,7 @@ fn stamp(files: &TlsConfig) -> Vec<Option<SystemTime>> {
 }
 
 /// The site a certificate names, among `candidates` (its DNS SANs are compared, not its CN).
-pub fn identify(cert: &CertificateDer<'_>, candidates: &[SiteName]) -> Option<SiteName> {
+pub(crate) fn identify(cert: &CertificateDer<'_>, candidates: &[SiteName]) -> Option<SiteName> {
     let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
     candidates
         .iter()
@@ -118,7 +118,7 @@ pub fn identify(cert: &CertificateDer<'_>, candidates: &[SiteName]) -> Option<Si
 }
 
 /// A certificate's `notAfter`, in epoch milliseconds.
-pub fn not_after_millis(cert: &CertificateDer<'_>) -> Option<i64> {
+pub(crate) fn not_after_millis(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     Some(parsed.validity().not_after.timestamp() * 1000)
 }
@@ -224,7 +224,7 @@ fn build(
 }
 
 impl PeerTls {
-    pub fn load(
+    pub(crate) fn load(
         files: TlsConfig,
         local: SiteName,
         peers: Vec<SiteName>,
@@ -260,7 +260,7 @@ impl PeerTls {
     }
 
     /// Re-reads the files; on failure the old configuration stays in force.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let _guard = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let built = build(
             &self.files,
@@ -295,7 +295,7 @@ impl PeerTls {
     /// What is wrong with this site's certificate, if anything: a refused reload (the
     /// previous certificates stay in use) or, from the start, one peers will refuse:
     /// (epoch ms, reason).
-    pub fn certificate_problem(&self) -> Option<(i64, String)> {
+    pub(crate) fn certificate_problem(&self) -> Option<(i64, String)> {
         self.refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -303,34 +303,34 @@ impl PeerTls {
     }
 
     /// Reloads when any of the files' modification times changed; returns whether it did.
-    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+    pub(crate) fn reload_if_changed(&self) -> Result<bool, TlsError> {
         if stamp(&self.files) == self.current.load().stamp {
             return Ok(false);
         }
         self.reload().map(|()| true)
     }
 
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load().server.clone())
     }
 
-    pub fn connector(&self) -> TlsConnector {
+    pub(crate) fn connector(&self) -> TlsConnector {
         TlsConnector::from(self.current.load().client.clone())
     }
 
-    pub fn own_certificate_expiry(&self) -> Option<i64> {
+    pub(crate) fn own_certificate_expiry(&self) -> Option<i64> {
         self.current.load().own_cert_expiry
     }
 
     /// The peer a verified client certificate names.
-    pub fn identify_peer(&self, cert: &CertificateDer<'_>) -> Option<SiteName> {
+    pub(crate) fn identify_peer(&self, cert: &CertificateDer<'_>) -> Option<SiteName> {
         identify(cert, self.peer_names())
     }
 }
 
 /// Certificates that can be re-read while serving: SIGHUP forces a reload, the file watcher
 /// reloads on a changed modification time.
-pub trait ReloadableCertificates: Send + Sync {
+pub(crate) trait ReloadableCertificates: Send + Sync {
     /// Re-reads the files; on failure the old configuration stays in force.
     fn reload(&self) -> Result<(), TlsError>;
     /// Reloads when a file's modification time changed; returns whether it did.
@@ -351,7 +351,7 @@ impl ReloadableCertificates for PeerTls {
 /// server authentication only, TLS 1.3 and 1.2 (never older: rustls has nothing older, and the
 /// versions are named here so no future default widens them), ALPN http/1.1.
 /// Reloadable like the peer link's, so a certificate can be renewed without a restart.
-pub struct ClientApiTls {
+pub(crate) struct ClientApiTls {
     /// The certificate chain file (`listen.tls_cert`), re-read on reload.
     cert: PathBuf,
     /// Its private key file (`listen.tls_key`).
@@ -364,7 +364,7 @@ pub struct ClientApiTls {
 }
 
 /// The protocol versions the client API accepts, newest first.
-pub static CLIENT_API_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+pub(crate) static CLIENT_API_VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 fn build_client_api(
@@ -392,7 +392,7 @@ fn build_client_api(
 }
 
 impl ClientApiTls {
-    pub fn load(cert: PathBuf, key: PathBuf) -> Result<Self, TlsError> {
+    pub(crate) fn load(cert: PathBuf, key: PathBuf) -> Result<Self, TlsError> {
         let loaded = build_client_api(&cert, &key)?;
         Ok(ClientApiTls {
             cert,
@@ -402,7 +402,7 @@ impl ClientApiTls {
         })
     }
 
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load().0.clone())
     }
 }
@@ -490,7 +490,7 @@ impl ClientCertVerifier for PeerSiteVerifier {
 
 /// Which side of a failed handshake refused the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeRefusal {
+pub(crate) enum HandshakeRefusal {
     /// The peer refused this site's certificate (it sent a certificate alert).
     PeerRefusedUs,
     /// This site could not verify the peer's certificate (wrong CA, wrong name, expired).
@@ -499,7 +499,9 @@ pub enum HandshakeRefusal {
 
 /// Finds a TLS refusal anywhere in an error's chain (hyper and h2 wrap I/O errors, which
 /// wrap rustls errors).
-pub fn handshake_refusal(err: &(dyn std::error::Error + 'static)) -> Option<HandshakeRefusal> {
+pub(crate) fn handshake_refusal(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<HandshakeRefusal> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = current {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
@@ -547,13 +549,13 @@ fn classify(e: &rustls::Error) -> Option<HandshakeRefusal> {
 /// task; h2 then flattens the I/O error into a message. Recording the typed error here, where
 /// it is still a `rustls::Error`, lets the peer client report "refused our certificate"
 /// instead of "unreachable".
-pub struct RefusalWatch<S> {
+pub(crate) struct RefusalWatch<S> {
     inner: S,
     refusal: Arc<std::sync::OnceLock<HandshakeRefusal>>,
 }
 
 impl<S> RefusalWatch<S> {
-    pub fn new(inner: S) -> (Self, Arc<std::sync::OnceLock<HandshakeRefusal>>) {
+    pub(crate) fn new(inner: S) -> (Self, Arc<std::sync::OnceLock<HandshakeRefusal>>) {
         let refusal = Arc::new(std::sync::OnceLock::new());
         (
             RefusalWatch {

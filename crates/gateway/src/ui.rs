@@ -27,7 +27,7 @@ use crate::extract::Origin;
 /// CDN); the rest closes what `default-src` does not cover: plugins, `<base>` rewrites, form
 /// posts elsewhere (the login form is sent by script; without it nothing is submitted, so a
 /// password never lands in a URL), framing (clickjacking), and string-to-code sinks.
-pub const POLICY: &str = "default-src 'self'; object-src 'none'; base-uri 'none'; \
+pub(crate) const POLICY: &str = "default-src 'self'; object-src 'none'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'; require-trusted-types-for 'script'";
 
 /// Browsers revalidate every time (a 304 when unchanged, via the ETag): the files change with
@@ -79,12 +79,12 @@ static ASSETS: LazyLock<[Asset; 3]> = LazyLock::new(|| {
 });
 
 /// `GET /ui` and `GET /ui/`: the page.
-pub async fn index(Origin(origin): Origin, headers: HeaderMap) -> Response {
+pub(crate) async fn index(Origin(origin): Origin, headers: HeaderMap) -> Response {
     answer(origin.is_some(), "index.html", &headers)
 }
 
 /// `GET /ui/{asset}`: the page's script and style sheet.
-pub async fn file(Origin(origin): Origin, uri: Uri, headers: HeaderMap) -> Response {
+pub(crate) async fn file(Origin(origin): Origin, uri: Uri, headers: HeaderMap) -> Response {
     // The route guarantees the prefix; anything else is simply not an asset.
     let name = uri.path().strip_prefix("/ui/").unwrap_or_default();
     answer(origin.is_some(), name, &headers)

@@ -24,7 +24,7 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 /// One channel per task somebody is waiting on; none for the rest.
 #[derive(Default)]
-pub struct TaskWatch {
+pub(crate) struct TaskWatch {
     channels: DashMap<Uuid, watch::Sender<()>>,
 }
 
@@ -46,14 +46,15 @@ impl Drop for Subscription<'_> {
 
 impl TaskWatch {
     /// Called after every task write this process made durable.
-    pub fn changed(&self, id: Uuid) {
+    pub(crate) fn changed(&self, id: Uuid) {
         if let Some(tx) = self.channels.get(&id) {
             tx.send_replace(());
         }
     }
 
     /// Waiters right now (for tests and metrics).
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
         self.channels.iter().map(|c| c.receiver_count()).sum()
     }
 
@@ -73,7 +74,7 @@ impl TaskWatch {
     /// Reads the task with `read` until it changed after `wait.last_updated` or is final, or
     /// until `wait.timeout`; answers the task as last read. A final task never changes, so one
     /// that is final is answered at once whatever `last_updated` says.
-    pub async fn wait_for_change<F, Fut>(
+    pub(crate) async fn wait_for_change<F, Fut>(
         &self,
         id: Uuid,
         wait: Wait,
@@ -109,7 +110,7 @@ impl TaskWatch {
 }
 
 /// Shared by the handlers and `AppState`.
-pub type SharedWatch = Arc<TaskWatch>;
+pub(crate) type SharedWatch = Arc<TaskWatch>;
 
 #[cfg(test)]
 mod tests {

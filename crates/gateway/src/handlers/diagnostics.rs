@@ -19,18 +19,18 @@ use crate::error::ApiError;
 
 /// What `about` and `health` say of the build and the process, fixed at start.
 #[derive(Clone, Debug)]
-pub struct BuildFacts {
+pub(crate) struct BuildFacts {
     /// The store's instance ID: the site's, the same on every replica and across restarts.
-    pub instance_id: uuid::Uuid,
+    pub(crate) instance_id: uuid::Uuid,
     /// This process's: new on every start.
-    pub runtime_id: uuid::Uuid,
-    pub boot_time: i64,
+    pub(crate) runtime_id: uuid::Uuid,
+    pub(crate) boot_time: i64,
     /// The client API's address as bound.
-    pub address: String,
+    pub(crate) address: String,
 }
 
 impl BuildFacts {
-    pub fn new(instance_id: uuid::Uuid, address: String) -> Self {
+    pub(crate) fn new(instance_id: uuid::Uuid, address: String) -> Self {
         BuildFacts {
             instance_id,
             runtime_id: uuid::Uuid::new_v4(),
@@ -69,7 +69,7 @@ const CERTIFICATE_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
     security(("session" = []))
 )]
 /// `GET /diagnostics/about`.
-pub async fn about(State(state): State<AppState>, _caller: Caller) -> Json<AboutInfo> {
+pub(crate) async fn about(State(state): State<AppState>, _caller: Caller) -> Json<AboutInfo> {
     Json(AboutInfo {
         product_name: PRODUCT_NAME.to_owned(),
         build_version: build_version(),
@@ -93,7 +93,7 @@ async fn health_now(state: &AppState) -> HealthInfo {
             ))
         }
     };
-    let sites = state.resolver.sites();
+    let sites = state.federation.sites();
     let mut peers = Vec::new();
     let mut certificate_expiry = None;
     let mut reload_error = None;
@@ -170,7 +170,7 @@ async fn health_now(state: &AppState) -> HealthInfo {
 )]
 /// `GET /diagnostics/health`: the health object itself, as the original's 3.x answers it
 /// (what monitoring checks read).
-pub async fn health(State(state): State<AppState>, _caller: Caller) -> Json<HealthInfo> {
+pub(crate) async fn health(State(state): State<AppState>, _caller: Caller) -> Json<HealthInfo> {
     Json(health_now(&state).await)
 }
 
@@ -188,7 +188,7 @@ pub async fn health(State(state): State<AppState>, _caller: Caller) -> Json<Heal
 /// `POST /diagnostics/health`: the original's 4.x form, a task to poll. The check takes
 /// milliseconds, so the task is final before it is answered; polling it works as clients
 /// expect.
-pub async fn health_task(
+pub(crate) async fn health_task(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
@@ -207,7 +207,7 @@ pub async fn health_task(
         source_org: None,
         destination_org: None,
     };
-    let site = state.resolver.local_name().to_string();
+    let site = state.federation.local_name().to_string();
     let created = state.store.create_task(new, &site).await?;
     let done = TaskPatch {
         progress: Some(100),

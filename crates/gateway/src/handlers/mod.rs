@@ -1,13 +1,13 @@
 //! The handlers, one module per resource. Each takes the validated pieces of its request
-//! (caller, path, query, body), asks the [`crate::sites::SiteResolver`] where to answer, and
-//! calls the store; every failure is an [`crate::ApiError`].
+//! (caller, path, query, body), asks the [`crate::federation::Federation`] where to answer, and
+//! calls the store or the peer's handle; every failure is an [`crate::ApiError`]. A handler
+//! that resolved a site attaches it to its answer ([`crate::federation::TargetSite`]).
 
-pub mod diagnostics;
-pub mod forward;
-pub mod ops;
-pub mod sessions;
-pub mod sites;
-pub mod tasks;
+pub(crate) mod diagnostics;
+pub(crate) mod ops;
+pub(crate) mod sessions;
+pub(crate) mod sites;
+pub(crate) mod tasks;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use sitegate_store::Store;
 
 use crate::auth::SessionManager;
-use crate::sites::SiteResolver;
+use crate::federation::Federation;
 
 /// Unknown query parameter names are ignored, as the original API ignores them; an operator
 /// sees them in a debug line and a counter (no label: the names come from callers).
@@ -28,32 +28,32 @@ pub(crate) fn note_ignored_parameters(names: &[String]) {
 
 /// What handlers share; cheap to clone.
 #[derive(Clone)]
-pub struct AppState {
-    pub store: Arc<dyn Store>,
-    pub sessions: Arc<SessionManager>,
-    pub resolver: Arc<SiteResolver>,
-    pub readiness: Arc<Readiness>,
+pub(crate) struct AppState {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) sessions: Arc<SessionManager>,
+    pub(crate) federation: Arc<Federation>,
+    pub(crate) readiness: Arc<Readiness>,
     /// Blocking reads and event streams waiting for a task to change.
-    pub watch: crate::watch::SharedWatch,
+    pub(crate) watch: crate::watch::SharedWatch,
     /// The instance and process facts `/diagnostics` reports.
-    pub build: Arc<diagnostics::BuildFacts>,
+    pub(crate) build: Arc<diagnostics::BuildFacts>,
     /// Blocking reads and event streams open, per user and in total.
-    pub held: Arc<crate::budget::HeldBudget>,
+    pub(crate) held: Arc<crate::budget::HeldBudget>,
 }
 
 /// Whether this process should receive new traffic; set to draining on shutdown so load
 /// balancers stop sending before the listener closes.
 #[derive(Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     draining: AtomicBool,
 }
 
 impl Readiness {
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 }

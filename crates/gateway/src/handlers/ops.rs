@@ -15,7 +15,7 @@ use crate::error::ApiError;
     responses((status = 200, description = "Alive: `{\"status\":\"ok\"}`.", body = crate::openapi::ProbeStatus))
 )]
 /// Alive: the process answers HTTP.
-pub async fn healthz() -> Json<Value> {
+pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
@@ -28,7 +28,7 @@ pub async fn healthz() -> Json<Value> {
 )]
 /// Prometheus text format. Session count is read at scrape time, so it is right on every
 /// replica sharing the store.
-pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+pub(crate) async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     match state.store.count_sessions().await {
         Ok(n) => metrics::gauge!("sitegate_sessions_active").set(n as f64),
@@ -58,7 +58,7 @@ pub async fn metrics(State(state): State<AppState>) -> axum::response::Response 
     )
 )]
 /// Ready: not draining and the store answers.
-pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.readiness.is_draining() {
         return Err(ApiError::NotReady("draining for shutdown"));
     }

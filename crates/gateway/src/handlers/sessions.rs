@@ -1,7 +1,7 @@
 //! `/sessions`: log in, see the session, log out, and extend it to peers.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use sitegate_model::session::{
@@ -9,20 +9,18 @@ use sitegate_model::session::{
     SessionDetails,
 };
 
-use super::forward::{client, forward_headers, peer_error_code};
 use super::AppState;
 use crate::auth::{Caller, AUTH_HEADER};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Origin, RequestMeta, SitePath};
+use crate::federation::{Route, SessionAsk};
 use crate::layers::ClientAddr;
-use crate::peer::{Forward, Peer};
-use crate::sites::Route;
 use crate::throttle::AddressKey;
 
 fn details(state: &AppState, caller: &Caller) -> SessionDetails {
     let org = state.sessions.org_of(&caller.user);
     let mut sites = vec![AuthenticatedSite {
-        site: state.resolver.local_name().to_string(),
+        site: state.federation.local_name().to_string(),
         org: org.clone(),
     }];
     sites.extend(caller.extensions.iter().map(|e| AuthenticatedSite {
@@ -65,7 +63,7 @@ fn issued(state: &AppState, token: &str, caller: &Caller) -> Result<Response, Ap
 /// Failed logins are throttled per user name and per client address. A login arriving over
 /// the peer link (a credentials extension) carries the peer site's address, which all of that
 /// site's users share, so only its user name counts.
-pub async fn login(
+pub(crate) async fn login(
     State(state): State<AppState>,
     Origin(origin): Origin,
     client: Option<Extension<ClientAddr>>,
@@ -103,7 +101,7 @@ pub async fn login(
     security(("session" = []))
 )]
 /// `GET /sessions`.
-pub async fn get(State(state): State<AppState>, caller: Caller) -> Json<SessionDetails> {
+pub(crate) async fn get(State(state): State<AppState>, caller: Caller) -> Json<SessionDetails> {
     Json(details(&state, &caller))
 }
 
@@ -120,7 +118,7 @@ pub async fn get(State(state): State<AppState>, caller: Caller) -> Json<SessionD
 )]
 /// `DELETE /sessions`: the token is dead at once, for every replica sharing the store; the
 /// sessions held at peers are logged out there too, as far as they can be reached.
-pub async fn logout(
+pub(crate) async fn logout(
     State(state): State<AppState>,
     caller: Caller,
     meta: RequestMeta,
@@ -135,26 +133,13 @@ pub async fn logout(
 
 /// Ends a session held at a peer, in the background: the local logout never waits for a peer.
 fn logout_at_peer(state: &AppState, remote: RemoteSession, meta: &RequestMeta) {
-    let Ok(Route::Peer(peer)) = state.resolver.resolve(Some(&remote.site), None) else {
-        return;
-    };
-    let state = state.clone();
-    let meta = RequestMeta {
-        deadline: None,
-        ..meta.clone()
-    };
-    tokio::spawn(async move {
-        let Ok(client) = client(&state) else { return };
-        let request = Forward {
-            method: Method::DELETE,
-            path_and_query: "/sessions".into(),
-            headers: forward_headers(&meta, Some(&remote.token), false),
-            body: Default::default(),
+    if let Some(peer) = state.federation.peer(&remote.site) {
+        let meta = RequestMeta {
+            deadline: None,
+            ..meta.clone()
         };
-        if let Err(e) = client.send(&peer, request, None).await {
-            tracing::info!(peer = %peer.name(), error = %e, "could not log out the session held at a peer");
-        }
-    });
+        peer.end_session(remote, &meta);
+    }
 }
 
 #[utoipa::path(
@@ -175,33 +160,31 @@ fn logout_at_peer(state: &AppState, remote: RemoteSession, meta: &RequestMeta) {
     security(("session" = []))
 )]
 /// `POST /sessions/extend`: obtains a session at a peer and keeps it in this session.
-pub async fn extend(
+pub(crate) async fn extend(
     State(state): State<AppState>,
-    mut caller: Caller,
+    caller: Caller,
     Origin(origin): Origin,
     meta: RequestMeta,
     JsonBody(body): JsonBody<ExtendRequest>,
-) -> Result<Json<SessionDetails>, ApiError> {
-    let (site, path, payload, refused, org) = match &body {
+) -> Result<Response, ApiError> {
+    let (site, ask, org) = match &body {
         ExtendRequest::Credentials {
             site,
             vcd_username,
             vcd_password,
         } => (
             site,
-            "/sessions",
-            serde_json::json!({"type": "localUser", "localUser": vcd_username, "localPassword": vcd_password}),
-            "refused the credentials",
+            SessionAsk::Credentials {
+                user: vcd_username.clone(),
+                password: vcd_password.clone(),
+            },
             None,
         ),
         ExtendRequest::Multisite { site, org } => (
             site,
-            "/peer/sessions",
-            serde_json::to_value(MultisiteSessionRequest {
+            SessionAsk::Multisite {
                 user: caller.user.clone(),
-            })
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
-            "does not grant multisite sessions to this site for this user",
+            },
             org.clone(),
         ),
         ExtendRequest::Cookie(_) | ExtendRequest::VcdAccessToken(_) => {
@@ -213,7 +196,7 @@ pub async fn extend(
             ))
         }
     };
-    let peer = match state.resolver.resolve(Some(site), origin.as_ref())? {
+    let peer = match state.federation.resolve(Some(site), origin.as_ref())? {
         Route::Peer(peer) => peer,
         Route::Local => {
             return Err(ApiError::BadInput(
@@ -221,6 +204,21 @@ pub async fn extend(
             ))
         }
     };
+    let target = state.federation.target(&Route::Peer(peer.clone()));
+    let answer = extend_to(&state, caller, &peer, &body, ask, org, &meta).await;
+    Ok(target.answer(answer))
+}
+
+/// `extend`, once the peer is known.
+async fn extend_to(
+    state: &AppState,
+    mut caller: Caller,
+    peer: &crate::federation::PeerHandle,
+    body: &ExtendRequest,
+    ask: SessionAsk,
+    org: Option<String>,
+    meta: &RequestMeta,
+) -> Result<Json<SessionDetails>, ApiError> {
     // Guessing passwords through this site meets a throttle here (per user and peer), as
     // well as the peer's own (which counts this site as the address).
     let guessing = matches!(body, ExtendRequest::Credentials { .. });
@@ -229,7 +227,7 @@ pub async fn extend(
             .sessions
             .check_extension(&caller.user, peer.name().as_str())?;
     }
-    let obtained = obtain_remote_session(&state, &peer, path, payload, refused, &meta).await;
+    let obtained = peer.obtain_session(ask, meta).await;
     if guessing {
         match &obtained {
             Ok(_) => state
@@ -250,78 +248,9 @@ pub async fn extend(
     tracing::info!(user = %caller.user, peer = %peer.name(), remote_user = %remote.user, "session extended");
     state.sessions.add_extension(&mut caller, remote).await?;
     if let Some(old) = replaced {
-        logout_at_peer(&state, old, &meta);
+        logout_at_peer(state, old, meta);
     }
-    Ok(Json(details(&state, &caller)))
-}
-
-async fn obtain_remote_session(
-    state: &AppState,
-    peer: &Peer,
-    path: &str,
-    payload: serde_json::Value,
-    refused: &str,
-    meta: &RequestMeta,
-) -> Result<RemoteSession, ApiError> {
-    let site = peer.name().to_string();
-    let body = serde_json::to_vec(&payload).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let request = Forward {
-        method: Method::POST,
-        path_and_query: path.to_owned(),
-        headers: forward_headers(meta, None, true),
-        body: body.into(),
-    };
-    let response = client(state)?.send(peer, request, meta.deadline).await?;
-    match response.status.as_u16() {
-        200 => {}
-        // The peer throttles failed logins: its refusal is passed on as a 429 with its time
-        // to wait, not turned into a wrong-password answer (which invites another guess).
-        429 => {
-            let secs = response
-                .headers
-                .get(axum::http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(30);
-            tracing::info!(peer = %site, "peer refused a session: too many failed logins");
-            return Err(ApiError::TooManyAttempts {
-                retry_after: std::time::Duration::from_secs(secs),
-            });
-        }
-        401 | 403 => {
-            tracing::info!(peer = %site, code = ?peer_error_code(&response), "peer refused a session");
-            return Err(ApiError::RemoteAuth(format!("Site '{site}' {refused}.")));
-        }
-        status => {
-            return Err(ApiError::Peer(crate::peer::PeerError::BadAnswer {
-                site,
-                detail: format!("unexpected status {status} to {path}"),
-            }))
-        }
-    }
-    let token = response
-        .headers
-        .get(AUTH_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let details: Option<SessionDetails> = serde_json::from_slice(&response.body).ok();
-    match (token, details) {
-        (Some(token), Some(details)) => Ok(RemoteSession {
-            site,
-            // The peer's own entry comes first in its details.
-            org: details
-                .authenticated_sites
-                .first()
-                .map(|s| s.org.clone())
-                .filter(|o| !o.is_empty()),
-            user: details.user,
-            token,
-        }),
-        _ => Err(ApiError::Peer(crate::peer::PeerError::BadAnswer {
-            site,
-            detail: "a session answer without a token or details".into(),
-        })),
-    }
+    Ok(Json(details(state, &caller)))
 }
 
 #[utoipa::path(
@@ -339,19 +268,19 @@ async fn obtain_remote_session(
     security(("session" = []))
 )]
 /// `DELETE /sessions/{site}`: drops the session held at that peer (and ends it there).
-pub async fn drop_extension(
+pub(crate) async fn drop_extension(
     State(state): State<AppState>,
     mut caller: Caller,
     meta: RequestMeta,
     SitePath(site): SitePath,
 ) -> Result<Json<SessionDetails>, ApiError> {
-    if site == state.resolver.local_name().as_str() {
+    if site == state.federation.local_name().as_str() {
         return Err(ApiError::BadInput(
             "The local site cannot be dropped; log out with DELETE /sessions.".into(),
         ));
     }
     // Unknown sites are SiteNotFound, as everywhere; a known one not extended to is a no-op.
-    state.resolver.resolve(Some(&site), None)?;
+    state.federation.resolve(Some(&site), None)?;
     if let Some(remote) = state.sessions.remove_extension(&mut caller, &site).await? {
         logout_at_peer(&state, remote, &meta);
     }
@@ -361,22 +290,21 @@ pub async fn drop_extension(
 /// `POST /peer/sessions`, on the peer link only: a peer asks for a session for one of this
 /// site's users, vouching for the user's identity. Granted only to peers configured with
 /// `trust_multisite`.
-pub async fn issue_for_peer(
+pub(crate) async fn issue_for_peer(
     State(state): State<AppState>,
     Origin(origin): Origin,
     JsonBody(body): JsonBody<MultisiteSessionRequest>,
 ) -> Result<Response, ApiError> {
+    // Routed on the peer link only, where every request has an origin; checked again so a
+    // routing mistake could not turn it into a client API.
     let Some(from) = origin else {
-        // Not part of the client API at all.
         return Err(ApiError::NoRoute);
     };
-    let (trusted, admin_trusted) = match state.resolver.resolve(Some(from.as_str()), None) {
-        Ok(Route::Peer(peer)) => (
-            peer.config.trust_multisite,
-            peer.config.trust_multisite_admin,
-        ),
-        _ => (false, false),
-    };
+    // A plain lookup of the calling peer: the request is answered here, for it.
+    let (trusted, admin_trusted) = state
+        .federation
+        .peer(from.as_str())
+        .map_or((false, false), |peer| peer.trust());
     if !trusted {
         tracing::warn!(peer = %from, user = %body.user, "refused a multisite session: peer not trusted");
         return Err(ApiError::Forbidden(

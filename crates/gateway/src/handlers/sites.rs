@@ -21,8 +21,8 @@ use crate::extract::SitePath;
     ),
     security(("session" = []))
 )]
-pub async fn list(State(state): State<AppState>, _caller: Caller) -> Json<Vec<SiteInfo>> {
-    Json(state.resolver.sites())
+pub(crate) async fn list(State(state): State<AppState>, _caller: Caller) -> Json<Vec<SiteInfo>> {
+    Json(state.federation.sites())
 }
 
 /// `GET /sites/{site}`: one of the sites `GET /sites` lists.
@@ -39,10 +39,10 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Json<Vec<Si
     ),
     security(("session" = []))
 )]
-pub async fn get(
+pub(crate) async fn get(
     State(state): State<AppState>,
     _caller: Caller,
     SitePath(site): SitePath,
 ) -> Result<Json<SiteInfo>, ApiError> {
-    Ok(Json(state.resolver.site(&site)?))
+    Ok(Json(state.federation.site(&site)?))
 }

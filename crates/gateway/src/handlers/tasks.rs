@@ -2,13 +2,12 @@
 //! services (`writer` or `admin`).
 
 use axum::extract::{RawQuery, State};
-use axum::http::{header::LOCATION, HeaderValue, Method, StatusCode};
+use axum::http::{header::LOCATION, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use sitegate_model::fanout::{self, per_site_query, FanOutList, SiteError, ALL_SITES};
+use sitegate_model::fanout::{self, per_site_query, FanOutList, SiteError};
 use sitegate_model::query::{parse_site_only, TaskQuery};
-use sitegate_model::site::SiteName;
 use sitegate_model::task::{
     parse_poll_ids, NewTask, PollResponse, Task, TaskList, TaskPatch, TaskState,
 };
@@ -16,13 +15,11 @@ use sitegate_model::watch::{GetOneQuery, Wait, DEFAULT_WAIT};
 use sitegate_model::ErrorEnvelope;
 use uuid::Uuid;
 
-use super::forward::forward_read;
 use super::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Origin, RequestMeta, TaskIdPath};
-use crate::peer::Peer;
-use crate::sites::Route;
+use crate::federation::{ListRoute, PeerHandle, PeerRead, Route};
 
 #[utoipa::path(
     get,
@@ -48,7 +45,7 @@ use crate::sites::Route;
 /// `GET /tasks/{taskId}`. Another user's task is reported exactly like a missing one. With
 /// `waitForChange=true` it is a blocking read (see `crate::watch`); a remote one is held by
 /// the peer, and identical concurrent ones share one peer request.
-pub async fn get_one(
+pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Origin(origin): Origin,
@@ -58,28 +55,34 @@ pub async fn get_one(
 ) -> Result<Response, ApiError> {
     let q = GetOneQuery::parse(query.as_deref())?;
     super::note_ignored_parameters(&q.ignored);
-    let route = state.resolver.resolve(q.site.as_deref(), origin.as_ref())?;
-    // A blocking read is held: it counts against the caller's held requests, and ends when
-    // the session does.
-    let _held = match q.wait {
-        Some(_) => Some(state.held.hold(&caller.user)?),
-        None => None,
-    };
-    let read = async {
-        match route {
-            Route::Local => {
-                Ok(Json(read_local(&state, &caller, id, q.wait).await?).into_response())
+    let route = state
+        .federation
+        .resolve(q.site.as_deref(), origin.as_ref())?;
+    let target = state.federation.target(&route);
+    let answer = async {
+        // A blocking read is held: it counts against the caller's held requests, and ends
+        // when the session does.
+        let _held = match q.wait {
+            Some(_) => Some(state.held.hold(&caller.user)?),
+            None => None,
+        };
+        let read = async {
+            match &route {
+                Route::Local => {
+                    Ok(Json(read_local(&state, &caller, id, q.wait).await?).into_response())
+                }
+                Route::Peer(peer) => {
+                    peer.read(&caller, PeerRead::Task { id, wait: q.wait }, &meta)
+                        .await
+                }
             }
-            Route::Peer(peer) => {
-                let path = peer_task_path(id, q.wait);
-                forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
-            }
+        };
+        match q.wait {
+            Some(_) => while_session_lives(&state, &caller, read).await,
+            None => read.await,
         }
     };
-    match q.wait {
-        Some(_) => while_session_lives(&state, &caller, read).await,
-        None => read.await,
-    }
+    Ok(target.answer(answer.await))
 }
 
 /// How often a held request checks that its session still stands.
@@ -130,21 +133,6 @@ async fn read_local(
     }
 }
 
-/// The path of a task at a peer, with the same wait.
-fn peer_task_path(id: Uuid, wait: Option<Wait>) -> String {
-    let query = GetOneQuery {
-        site: None,
-        wait,
-        ignored: Vec::new(),
-    }
-    .to_query_string_without_site();
-    if query.is_empty() {
-        format!("/tasks/{id}")
-    } else {
-        format!("/tasks/{id}?{query}")
-    }
-}
-
 #[utoipa::path(
     get,
     path = "/tasks/{task_id}/events",
@@ -169,7 +157,7 @@ fn peer_task_path(id: Uuid, wait: Option<Wait>) -> String {
 /// time it changes, from now until it is final; then the stream ends. Local or remote alike:
 /// each event is a blocking read (`waitForChange`) through `get_one`'s path, so a remote
 /// stream costs the peer one held request at a time.
-pub async fn events(
+pub(crate) async fn events(
     State(state): State<AppState>,
     caller: Caller,
     Origin(origin): Origin,
@@ -180,10 +168,14 @@ pub async fn events(
     let site = parse_site_only(query.as_deref())?;
     super::note_ignored_parameters(&site.ignored);
     let route = state
-        .resolver
+        .federation
         .resolve(site.site.as_deref(), origin.as_ref())?;
+    let target = state.federation.target(&route);
     // The stream holds its place in the caller's held requests for as long as it lasts.
-    let held = state.held.hold(&caller.user)?;
+    let held = match state.held.hold(&caller.user) {
+        Ok(held) => held,
+        Err(e) => return Ok(target.answer(Err::<Response, _>(e))),
+    };
     // The first read happens before the stream starts, so a missing task or a refused
     // remote session is a plain error answer, not an event.
     let meta = RequestMeta {
@@ -192,9 +184,10 @@ pub async fn events(
         deadline: None,
         ..meta
     };
-    let first = match read_for_events(&state, &caller, &route, id, None, &meta).await? {
-        Ok(task) => task,
-        Err(peer_answer) => return Ok(peer_answer),
+    let first = match read_for_events(&state, &caller, &route, id, None, &meta).await {
+        Ok(Ok(task)) => task,
+        Ok(Err(peer_answer)) => return Ok(target.answer(Ok::<_, ApiError>(peer_answer))),
+        Err(e) => return Ok(target.answer(Err::<Response, _>(e))),
     };
     let stream = futures_util::stream::unfold(
         (EventStep::Send(first), state, caller, route, meta, held),
@@ -249,9 +242,9 @@ pub async fn events(
             }
         },
     );
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(target.answer(Ok::<_, ApiError>(
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )))
 }
 
 /// Where an event stream is: a task to send, a task sent and being waited on, or the end.
@@ -273,19 +266,7 @@ async fn read_for_events(
 ) -> Result<Result<Task, Response>, ApiError> {
     match route {
         Route::Local => read_local(state, caller, id, wait).await.map(Ok),
-        Route::Peer(peer) => {
-            let path = peer_task_path(id, wait);
-            let response = forward_read(state, caller, peer, Method::GET, path, None, meta).await?;
-            if !response.status().is_success() {
-                return Ok(Err(response));
-            }
-            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .map_err(|e| ApiError::Internal(format!("reading a peer's answer: {e}")))?;
-            serde_json::from_slice(&body)
-                .map(Ok)
-                .map_err(|e| ApiError::Internal(format!("a peer's task did not parse: {e}")))
-        }
+        Route::Peer(peer) => peer.task(caller, id, wait, meta).await,
     }
 }
 
@@ -325,7 +306,7 @@ async fn read_for_events(
     security(("session" = []))
 )]
 /// `GET /tasks`: filters, sort and paging run in the store.
-pub async fn query(
+pub(crate) async fn query(
     State(state): State<AppState>,
     caller: Caller,
     Origin(origin): Origin,
@@ -352,25 +333,29 @@ pub async fn query(
             ));
         }
     }
-    if q.site.as_deref() == Some(ALL_SITES) {
-        return all_sites(&state, &caller, origin.as_ref(), &q, &meta).await;
-    }
-    match state.resolver.resolve(q.site.as_deref(), origin.as_ref())? {
-        Route::Local => {
-            let page = state.store.query_tasks(&q, caller.visibility()).await?;
-            Ok(Json(TaskList {
-                items: page.items,
-                total: page.total,
-                limit: q.limit,
-                offset: q.offset,
+    let route = state
+        .federation
+        .resolve_list(q.site.as_deref(), origin.as_ref(), &caller)?;
+    let target = state.federation.list_target(&route);
+    let answer = match &route {
+        ListRoute::All(peers) => all_sites(&state, &caller, peers, &q, &meta).await,
+        ListRoute::One(Route::Local) => state
+            .store
+            .query_tasks(&q, caller.visibility())
+            .await
+            .map(|page| {
+                Json(TaskList {
+                    items: page.items,
+                    total: page.total,
+                    limit: q.limit,
+                    offset: q.offset,
+                })
+                .into_response()
             })
-            .into_response())
-        }
-        Route::Peer(peer) => {
-            let path = format!("/tasks?{}", q.to_query_string_without_site());
-            forward_read(&state, &caller, &peer, Method::GET, path, None, &meta).await
-        }
-    }
+            .map_err(ApiError::from),
+        ListRoute::One(Route::Peer(peer)) => peer.read(&caller, PeerRead::List(&q), &meta).await,
+    };
+    Ok(target.answer(answer))
 }
 
 /// `GET /tasks?site=*`: every site asked at once for the rows the merged page can need; a
@@ -378,21 +363,20 @@ pub async fn query(
 async fn all_sites(
     state: &AppState,
     caller: &Caller,
-    origin: Option<&SiteName>,
+    peers: &[PeerHandle],
     q: &TaskQuery,
     meta: &RequestMeta,
 ) -> Result<Response, ApiError> {
     let each = per_site_query(q)?;
-    let routes = state
-        .resolver
-        .fan_out(origin, |site| caller.remote_session(site).is_some())?;
-    let path = format!("/tasks?{}", each.to_query_string_without_site());
+    let routes: Vec<Route> = std::iter::once(Route::Local)
+        .chain(peers.iter().cloned().map(Route::Peer))
+        .collect();
     let asks = routes.iter().map(|route| {
-        let (each, path) = (&each, path.clone());
+        let each = &each;
         async move {
             match route {
                 Route::Local => (
-                    state.resolver.local_name().to_string(),
+                    state.federation.local_name().to_string(),
                     state
                         .store
                         .query_tasks(each, caller.visibility())
@@ -405,10 +389,7 @@ async fn all_sites(
                         })
                         .map_err(|e| ApiError::from(e).envelope()),
                 ),
-                Route::Peer(peer) => (
-                    peer.name().to_string(),
-                    site_list(state, caller, peer, path, meta).await,
-                ),
+                Route::Peer(peer) => (peer.name().to_string(), peer.list(caller, each, meta).await),
             }
         }
     });
@@ -438,32 +419,6 @@ async fn all_sites(
     .into_response())
 }
 
-/// One peer's page for `site=*`, or the envelope of why not (the peer's own, passed on).
-async fn site_list(
-    state: &AppState,
-    caller: &Caller,
-    peer: &Peer,
-    path: String,
-    meta: &RequestMeta,
-) -> Result<TaskList, ErrorEnvelope> {
-    let response = forward_read(state, caller, peer, Method::GET, path, None, meta)
-        .await
-        .map_err(|e| e.envelope())?;
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading a peer's answer: {e}")).envelope())?;
-    if status.is_success() {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::Internal(format!("a peer's task list did not parse: {e}")).envelope()
-        })
-    } else {
-        Err(serde_json::from_slice(&body).unwrap_or_else(|_| {
-            ApiError::Internal(format!("a peer answered {status} without an envelope")).envelope()
-        }))
-    }
-}
-
 #[utoipa::path(
     post,
     path = "/tasks/poll",
@@ -483,7 +438,7 @@ async fn site_list(
     security(("session" = []))
 )]
 /// `POST /tasks/poll`: one row per visible task, in the order asked.
-pub async fn poll(
+pub(crate) async fn poll(
     State(state): State<AppState>,
     caller: Caller,
     Origin(origin): Origin,
@@ -494,31 +449,21 @@ pub async fn poll(
     let site = parse_site_only(query.as_deref())?;
     super::note_ignored_parameters(&site.ignored);
     let ids = parse_poll_ids(&ids)?;
-    match state
-        .resolver
-        .resolve(site.site.as_deref(), origin.as_ref())?
-    {
-        Route::Local => {
-            let tasks = state.store.get_tasks(&ids, caller.visibility()).await?;
-            Ok(Json(PollResponse::from_tasks(&tasks)).into_response())
-        }
-        Route::Peer(peer) => {
-            // Forward the validated, de-duplicated IDs, not the caller's raw body.
-            let body = serde_json::to_vec(&ids)
-                .map_err(|e| ApiError::Internal(format!("encoding poll IDs: {e}")))?;
-            let path = "/tasks/poll".to_owned();
-            forward_read(
-                &state,
-                &caller,
-                &peer,
-                Method::POST,
-                path,
-                Some(body.into()),
-                &meta,
-            )
+    let route = state
+        .federation
+        .resolve(site.site.as_deref(), origin.as_ref())?;
+    let target = state.federation.target(&route);
+    let answer = match &route {
+        Route::Local => state
+            .store
+            .get_tasks(&ids, caller.visibility())
             .await
-        }
-    }
+            .map(|tasks| Json(PollResponse::from_tasks(&tasks)).into_response())
+            .map_err(ApiError::from),
+        // The validated, de-duplicated IDs go on, not the caller's raw body.
+        Route::Peer(peer) => peer.read(&caller, PeerRead::Poll(&ids), &meta).await,
+    };
+    Ok(target.answer(answer))
 }
 
 fn require_writer(caller: &Caller) -> Result<(), ApiError> {
@@ -536,7 +481,7 @@ fn require_writer(caller: &Caller) -> Result<(), ApiError> {
 fn require_local(state: &AppState, query: Option<&str>) -> Result<(), ApiError> {
     let site = parse_site_only(query)?;
     super::note_ignored_parameters(&site.ignored);
-    match state.resolver.resolve(site.site.as_deref(), None)? {
+    match state.federation.resolve(site.site.as_deref(), None)? {
         Route::Local => Ok(()),
         Route::Peer(peer) => Err(ApiError::BadInput(format!(
             "Tasks are written only at the site they run on; write to site '{}' there.",
@@ -565,7 +510,7 @@ fn require_local(state: &AppState, query: Option<&str>) -> Result<(), ApiError> 
 )]
 /// `POST /tasks`: 201 with `Location`; repeating a create with the same ID and body is
 /// idempotent.
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     RawQuery(query): RawQuery,
@@ -576,7 +521,7 @@ pub async fn create(
     new.validate()?;
     let outcome = state
         .store
-        .create_task(new, state.resolver.local_name().as_str())
+        .create_task(new, state.federation.local_name().as_str())
         .await?;
     let task = outcome.task();
     let location = HeaderValue::from_str(&format!("/tasks/{}", task.id))
@@ -608,7 +553,7 @@ pub async fn create(
     security(("session" = []))
 )]
 /// `PATCH /tasks/{taskId}`: progress, warnings, or the final state; never after the final state.
-pub async fn patch(
+pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
     TaskIdPath(id): TaskIdPath,

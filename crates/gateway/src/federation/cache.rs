@@ -15,22 +15,23 @@ use http::{HeaderMap, StatusCode};
 use moka::future::Cache;
 use moka::Expiry;
 
-use crate::peer::{PeerError, PeerResponse};
+use super::client::PeerResponse;
+use super::error::PeerError;
 
 /// Who asked what of which peer.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct ReadKey {
-    pub peer: String,
-    pub path: String,
-    pub remote_user: String,
+pub(super) struct ReadKey {
+    pub(super) peer: String,
+    pub(super) path: String,
+    pub(super) remote_user: String,
 }
 
 /// A peer's answer as kept.
 #[derive(Debug)]
-pub struct SharedAnswer {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(super) struct SharedAnswer {
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
     is_final: bool,
 }
 
@@ -45,7 +46,7 @@ impl SharedAnswer {
         }
     }
 
-    pub fn to_response(&self) -> PeerResponse {
+    pub(super) fn to_response(&self) -> PeerResponse {
         PeerResponse {
             status: self.status,
             headers: self.headers.clone(),
@@ -87,7 +88,7 @@ impl Expiry<ReadKey, Arc<SharedAnswer>> for Lifetimes {
 }
 
 /// The shared remote reads of one site.
-pub struct RemoteReads {
+pub(super) struct RemoteReads {
     cache: Cache<ReadKey, Arc<SharedAnswer>>,
 }
 
@@ -95,7 +96,7 @@ pub struct RemoteReads {
 const MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 impl RemoteReads {
-    pub fn new(running: Duration, finished: Duration) -> Self {
+    pub(super) fn new(running: Duration, finished: Duration) -> Self {
         RemoteReads {
             cache: Cache::builder()
                 .max_capacity(MAX_BYTES)
@@ -109,7 +110,7 @@ impl RemoteReads {
 
     /// The kept answer for `key`, or the one `fetch` gets, shared with every concurrent caller
     /// of the same key.
-    pub async fn get_or_fetch(
+    pub(super) async fn get_or_fetch(
         &self,
         key: ReadKey,
         fetch: impl std::future::Future<Output = Result<PeerResponse, PeerError>>,

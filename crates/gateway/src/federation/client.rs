@@ -1,130 +1,57 @@
 //! The peer client: how this site talks to its peers over the mutual-TLS peer link.
 //!
-//! Each peer has one HTTP/2 connection, multiplexing every forwarded request, opened on first
-//! use and re-opened after it breaks. Every request has a deadline (the configured peer timeout,
+//! Each peer has a few HTTP/2 connections (`peering.connections_per_peer`, round robin),
+//! multiplexing every forwarded request, each opened on first use and re-opened after it
+//! breaks. Every request has a deadline (the configured peer timeout,
 //! shortened to what is left of the caller's own), sent along so the peer gives up when the
 //! answer could no longer be used. Each peer's link health is tracked: consecutive transport
 //! failures open a circuit (requests then fail fast with `Retry-After`), and a background probe
 //! (`GET /healthz` over the link) closes it again as soon as the peer answers.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use sitegate_model::config::{PeerConfig, PeeringConfig};
-use sitegate_model::site::{CircuitState, LinkInfo, SiteInfo, SiteName, SiteState};
+use sitegate_model::site::{LinkInfo, SiteInfo, SiteName, SiteState};
 use sitegate_model::{ErrorCode, ErrorEnvelope};
 use sitegate_store::now_millis;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use super::breaker::{BreakerRules, LinkHealth};
+use super::cache::RemoteReads;
+use super::error::{refused, transport_error, PeerError};
+use super::io::Heard;
 use crate::tls::{handshake_refusal, HandshakeObserver, HandshakeRefusal, PeerTls};
 
 /// The header carrying the milliseconds left before the caller's deadline.
-pub const DEADLINE_HEADER: &str = "x-sitegate-deadline-ms";
+pub(crate) const DEADLINE_HEADER: &str = "x-sitegate-deadline-ms";
 /// The largest answer accepted from a peer.
 const MAX_PEER_BODY: usize = 32 * 1024 * 1024;
 
-/// Why a request to a peer failed. The messages name the site and the step, never internals;
-/// `detail` is for the log only.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PeerError {
-    #[error("site '{site}' could not be reached")]
-    Unreachable { site: String, detail: String },
-    #[error("the link to site '{site}' is marked down; retry later")]
-    CircuitOpen { site: String, retry_after: Duration },
-    #[error("site '{site}' did not answer in time")]
-    Timeout { site: String },
-    #[error("site '{site}' refused this site's certificate during the TLS handshake")]
-    RefusedOurCertificate { site: String, detail: String },
-    #[error(
-        "this site could not verify site '{site}''s certificate during the TLS handshake \
-         (it must be issued by the federation CA and name the site)"
-    )]
-    UntrustedPeerCertificate { site: String, detail: String },
-    #[error("site '{site}' sent an answer that could not be read")]
-    BadAnswer { site: String, detail: String },
-}
-
-impl PeerError {
-    /// Only failures of the link itself count towards opening the circuit; a refused
-    /// certificate is a configuration problem that retrying faster or slower does not change.
-    fn counts_for_circuit(&self) -> bool {
-        matches!(
-            self,
-            PeerError::Unreachable { .. } | PeerError::Timeout { .. } | PeerError::BadAnswer { .. }
-        )
-    }
-
-    /// The API code a caller sees for this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            PeerError::Unreachable { .. }
-            | PeerError::CircuitOpen { .. }
-            | PeerError::BadAnswer { .. } => ErrorCode::RemoteSiteUnavailable,
-            PeerError::Timeout { .. } => ErrorCode::RemoteSiteTimeout,
-            PeerError::RefusedOurCertificate { .. }
-            | PeerError::UntrustedPeerCertificate { .. } => ErrorCode::RemoteAuthenticationFailure,
-        }
-    }
-
-    /// The message a caller (and `/sites`) sees: a sentence naming the site and the step.
-    pub fn message(&self) -> String {
-        let text = self.to_string();
-        let mut chars = text.chars();
-        match chars.next() {
-            Some(first) => format!("{}{}.", first.to_uppercase(), chars.as_str()),
-            None => text,
-        }
-    }
-
-    /// What the log gets beyond the message.
-    pub fn detail(&self) -> &str {
-        match self {
-            PeerError::Unreachable { detail, .. }
-            | PeerError::RefusedOurCertificate { detail, .. }
-            | PeerError::UntrustedPeerCertificate { detail, .. }
-            | PeerError::BadAnswer { detail, .. } => detail,
-            PeerError::CircuitOpen { .. } | PeerError::Timeout { .. } => "",
-        }
-    }
-}
-
-/// A request to forward.
-pub struct Forward {
-    pub method: Method,
-    pub path_and_query: String,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+/// A request to send to a peer.
+pub(super) struct Forward {
+    pub(super) method: Method,
+    pub(super) path_and_query: String,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
+    /// How long the peer may hold the request on purpose (a blocking read's wait): added to
+    /// the usual time budget, or every long wait would count as a timeout.
+    pub(super) held: Duration,
 }
 
 /// A peer's answer, whole.
-pub struct PeerResponse {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-#[derive(Default)]
-struct LinkHealth {
-    consecutive_failures: u32,
-    open_until: Option<Instant>,
-    last_success: Option<i64>,
-    last_failure: Option<i64>,
-    last_error: Option<ErrorEnvelope>,
-    round_trip_ms: Option<f64>,
-    peer_cert_expiry: Option<i64>,
-    last_incoming: Option<i64>,
-    incoming_error: Option<(i64, ErrorEnvelope)>,
+pub(super) struct PeerResponse {
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
 }
 
 /// An open HTTP/2 connection to a peer.
@@ -151,8 +78,8 @@ impl Connection {
 }
 
 /// One configured peer and the state of the link to it.
-pub struct Peer {
-    pub config: PeerConfig,
+pub(super) struct Peer {
+    pub(super) config: PeerConfig,
     address: String,
     server_name: ServerName<'static>,
     /// The multiplexed connection, if open, with the TLS refusal its stream saw, if any. The
@@ -163,6 +90,32 @@ pub struct Peer {
     /// at each end, so a few of them spread the work over the cores.
     next_connection: std::sync::atomic::AtomicUsize,
     health: Mutex<LinkHealth>,
+    /// This peer's metric series, registered once: a request does not build label sets.
+    metrics: PeerMetrics,
+}
+
+/// The per-peer metric handles the request path updates.
+struct PeerMetrics {
+    label: String,
+    up: metrics::Gauge,
+    circuit_open: metrics::Gauge,
+    round_trip_ok: metrics::Histogram,
+}
+
+impl PeerMetrics {
+    fn new(peer: &SiteName) -> Self {
+        let label = peer.to_string();
+        PeerMetrics {
+            up: metrics::gauge!("sitegate_peer_up", "peer" => label.clone()),
+            circuit_open: metrics::gauge!("sitegate_peer_circuit_open", "peer" => label.clone()),
+            round_trip_ok: metrics::histogram!(
+                "sitegate_peer_request_duration_seconds",
+                "peer" => label.clone(),
+                "outcome" => "ok"
+            ),
+            label,
+        }
+    }
 }
 
 impl std::fmt::Debug for Peer {
@@ -174,66 +127,69 @@ impl std::fmt::Debug for Peer {
 }
 
 impl Peer {
-    pub fn name(&self) -> &SiteName {
+    pub(super) fn name(&self) -> &SiteName {
         &self.config.name
     }
 
-    fn health(&self) -> std::sync::MutexGuard<'_, LinkHealth> {
+    pub(super) fn health(&self) -> std::sync::MutexGuard<'_, LinkHealth> {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn record_success(&self, round_trip: Duration) {
-        let peer = self.config.name.to_string();
-        metrics::gauge!("sitegate_peer_up", "peer" => peer.clone()).set(1.0);
-        metrics::gauge!("sitegate_peer_circuit_open", "peer" => peer.clone()).set(0.0);
-        metrics::histogram!("sitegate_peer_request_duration_seconds", "peer" => peer, "outcome" => "ok")
-            .record(round_trip.as_secs_f64());
-        let mut h = self.health();
-        h.consecutive_failures = 0;
-        h.open_until = None;
-        h.last_success = Some(now_millis());
-        h.last_error = None;
-        h.round_trip_ms = Some(round_trip.as_secs_f64() * 1000.0);
+        self.metrics.up.set(1.0);
+        self.metrics.circuit_open.set(0.0);
+        self.metrics.round_trip_ok.record(round_trip.as_secs_f64());
+        self.health().succeeded(now_millis(), round_trip);
     }
 
-    fn record_failure(&self, error: &PeerError, config: &PeeringConfig, took: Duration) {
-        let peer = self.config.name.to_string();
-        metrics::gauge!("sitegate_peer_up", "peer" => peer.clone()).set(0.0);
-        metrics::histogram!("sitegate_peer_request_duration_seconds", "peer" => peer.clone(), "outcome" => error.code().as_str())
-            .record(took.as_secs_f64());
-        let mut h = self.health();
-        h.last_failure = Some(now_millis());
-        h.last_error = Some(ErrorEnvelope::new(error.code(), error.message(), vec![]));
-        if error.counts_for_circuit() {
-            h.consecutive_failures = h.consecutive_failures.saturating_add(1);
-            if h.consecutive_failures >= config.failure_threshold {
-                let was_closed = h.open_until.is_none();
-                h.open_until = Some(Instant::now() + Duration::from_secs(config.circuit_open_secs));
-                metrics::gauge!("sitegate_peer_circuit_open", "peer" => peer).set(1.0);
-                if was_closed {
-                    tracing::warn!(peer = %self.config.name, "circuit opened: peer link marked down");
-                }
-            }
+    fn record_failure(&self, error: &PeerError, rules: BreakerRules, took: Duration) {
+        self.metrics.up.set(0.0);
+        metrics::histogram!(
+            "sitegate_peer_request_duration_seconds",
+            "peer" => self.metrics.label.clone(),
+            "outcome" => error.code().as_str()
+        )
+        .record(took.as_secs_f64());
+        let opened = self
+            .health()
+            .failed(error, rules, Instant::now(), now_millis());
+        if self.health().circuit_wait(Instant::now()).is_some() {
+            self.metrics.circuit_open.set(1.0);
+        }
+        if opened {
+            tracing::warn!(peer = %self.config.name, "circuit opened: peer link marked down");
         }
     }
 
+    /// How many requests have taken a connection slot (round robin position).
+    #[cfg(test)]
+    pub(super) fn slots_used(&self) -> usize {
+        self.next_connection.load(Ordering::Relaxed)
+    }
+
+    /// How many of the pool's connections are open.
+    #[cfg(test)]
+    pub(super) async fn open_connections(&self) -> usize {
+        let mut open = 0;
+        for slot in &self.connections {
+            if slot.lock().await.is_some() {
+                open += 1;
+            }
+        }
+        open
+    }
+
     /// `Some(wait)` while the circuit is open.
-    fn circuit_wait(&self) -> Option<Duration> {
-        let h = self.health();
-        h.open_until
-            .and_then(|until| until.checked_duration_since(Instant::now()))
-            .filter(|d| !d.is_zero())
+    pub(super) fn circuit_wait(&self) -> Option<Duration> {
+        self.health().circuit_wait(Instant::now())
     }
 
     /// The `/sites` entry for this peer.
-    pub fn site_info(&self) -> SiteInfo {
+    pub(super) fn site_info(&self) -> SiteInfo {
         let h = self.health();
-        let circuit = match h.open_until {
-            None => CircuitState::Closed,
-            Some(until) if until > Instant::now() => CircuitState::Open,
-            Some(_) => CircuitState::HalfOpen,
-        };
-        let failing = h.last_failure > h.last_success || circuit != CircuitState::Closed;
+        let now = Instant::now();
+        let circuit = h.circuit(now);
+        let failing = h.failing(now);
         let incoming_error = h
             .incoming_error
             .as_ref()
@@ -263,20 +219,20 @@ impl Peer {
     }
 
     /// Records that this peer reached us over the peer link.
-    pub fn record_incoming(&self) {
+    fn record_incoming(&self) {
         self.health().last_incoming = Some(now_millis());
     }
 }
 
 /// The configured peers; also told about incoming handshakes by the TLS layer.
 #[derive(Debug)]
-pub struct PeerSet {
+pub(crate) struct PeerSet {
     peers: Vec<Arc<Peer>>,
 }
 
 impl PeerSet {
     /// `pool_size` HTTP/2 connections are kept to each peer.
-    pub fn new(configs: &[PeerConfig], pool_size: usize) -> Result<Self, String> {
+    pub(crate) fn new(configs: &[PeerConfig], pool_size: usize) -> Result<Self, String> {
         let mut peers = Vec::with_capacity(configs.len());
         for config in configs {
             let address = config.address().map_err(|e| e.to_string())?;
@@ -291,20 +247,21 @@ impl PeerSet {
                     .collect(),
                 next_connection: std::sync::atomic::AtomicUsize::new(0),
                 health: Mutex::new(LinkHealth::default()),
+                metrics: PeerMetrics::new(&config.name),
             }));
         }
         Ok(PeerSet { peers })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Peer>> {
+    pub(super) fn get(&self, name: &str) -> Option<&Arc<Peer>> {
         self.peers.iter().find(|p| p.config.name.as_str() == name)
     }
 
-    pub fn all(&self) -> &[Arc<Peer>] {
+    pub(super) fn all(&self) -> &[Arc<Peer>] {
         &self.peers
     }
 
-    pub fn names(&self) -> Vec<SiteName> {
+    pub(crate) fn names(&self) -> Vec<SiteName> {
         self.peers.iter().map(|p| p.config.name.clone()).collect()
     }
 }
@@ -332,17 +289,17 @@ impl HandshakeObserver for PeerSet {
 }
 
 /// Sends requests to peers and keeps their links healthy.
-pub struct PeerClient {
-    pub peers: Arc<PeerSet>,
+pub(crate) struct PeerClient {
+    pub(super) peers: Arc<PeerSet>,
     tls: Arc<PeerTls>,
-    config: PeeringConfig,
+    pub(super) config: PeeringConfig,
     /// Remote Get One answers shared between callers.
-    pub reads: crate::remote_reads::RemoteReads,
+    pub(super) reads: RemoteReads,
 }
 
 impl PeerClient {
-    pub fn new(peers: Arc<PeerSet>, tls: Arc<PeerTls>, config: PeeringConfig) -> Self {
-        let reads = crate::remote_reads::RemoteReads::new(
+    pub(crate) fn new(peers: Arc<PeerSet>, tls: Arc<PeerTls>, config: PeeringConfig) -> Self {
+        let reads = RemoteReads::new(
             Duration::from_millis(config.running_task_cache_ms),
             Duration::from_secs(config.final_task_cache_secs),
         );
@@ -354,13 +311,20 @@ impl PeerClient {
         }
     }
 
-    pub fn tls(&self) -> &Arc<PeerTls> {
+    pub(crate) fn tls(&self) -> &Arc<PeerTls> {
         &self.tls
+    }
+
+    fn rules(&self) -> BreakerRules {
+        BreakerRules {
+            failure_threshold: self.config.failure_threshold,
+            open_for: Duration::from_secs(self.config.circuit_open_secs),
+        }
     }
 
     /// Sends `request` to `peer`, failing fast while its circuit is open. `deadline` is the
     /// caller's: the peer's answer is waited for no longer than that.
-    pub async fn send(
+    pub(super) async fn send(
         &self,
         peer: &Peer,
         request: Forward,
@@ -394,19 +358,14 @@ impl PeerClient {
             .await
     }
 
-    async fn exchange_in(
+    pub(super) async fn exchange_in(
         &self,
         peer: &Peer,
         request: Forward,
         deadline: Option<Instant>,
     ) -> Result<PeerResponse, PeerError> {
         let started = Instant::now();
-        // A blocking read (`waitForChange`) is held by the peer for up to its wait: that time
-        // comes on top of the usual budget, or every long wait would count as a timeout.
-        let held = sitegate_model::watch::requested_wait(
-            request.path_and_query.split_once('?').map(|(_, q)| q),
-        );
-        let mut budget = Duration::from_millis(self.config.request_timeout_ms) + held;
+        let mut budget = Duration::from_millis(self.config.request_timeout_ms) + request.held;
         if let Some(deadline) = deadline {
             budget = budget.min(deadline.saturating_duration_since(started));
         }
@@ -432,7 +391,7 @@ impl PeerClient {
                     // A broken connection is not reused; the next request opens a new one.
                     *peer.connections[slot].lock().await = None;
                 }
-                peer.record_failure(e, &self.config, started.elapsed());
+                peer.record_failure(e, self.rules(), started.elapsed());
             }
         }
         outcome
@@ -602,113 +561,4 @@ impl PeerClient {
         *slot = Some(connection.clone());
         Ok((connection, true))
     }
-
-    /// Probes every peer each interval, forever; run as a background task.
-    pub async fn probe_forever(self: Arc<Self>) {
-        let interval = Duration::from_millis(self.config.probe_interval_ms);
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            for peer in self.peers.all() {
-                let client = self.clone();
-                let peer = peer.clone();
-                tokio::spawn(async move {
-                    let probe = Forward {
-                        method: Method::GET,
-                        path_and_query: "/healthz".into(),
-                        headers: HeaderMap::new(),
-                        body: Bytes::new(),
-                    };
-                    let deadline = Instant::now() + interval.max(Duration::from_millis(500));
-                    let was_failing = peer.circuit_wait().is_some();
-                    // Probes are housekeeping, not operations: no trace of their own.
-                    let result = client.exchange_in(&peer, probe, Some(deadline)).await;
-                    if was_failing && result.is_ok() {
-                        tracing::info!(peer = %peer.name(), "peer link is back: circuit closed");
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// A peer-link stream that records, in `heard`, that the peer sent data.
-struct Heard<S> {
-    inner: S,
-    heard: Arc<AtomicBool>,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Heard<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.heard.store(true, Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heard<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-fn transport_error(site: &str, e: &(dyn std::error::Error + 'static)) -> PeerError {
-    let mut detail = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
-    match handshake_refusal(e) {
-        Some(refusal) => refused(refusal, site.to_owned(), detail),
-        None => PeerError::Unreachable {
-            site: site.to_owned(),
-            detail,
-        },
-    }
-}
-
-fn refused(refusal: HandshakeRefusal, site: String, detail: String) -> PeerError {
-    match refusal {
-        HandshakeRefusal::PeerRefusedUs => PeerError::RefusedOurCertificate { site, detail },
-        HandshakeRefusal::WeRefusedPeer => PeerError::UntrustedPeerCertificate { site, detail },
-    }
-}
-
-/// The content type of a peer's answer, for passing it back unchanged.
-pub fn content_type(headers: &HeaderMap) -> Option<&HeaderValue> {
-    headers.get(CONTENT_TYPE)
 }
