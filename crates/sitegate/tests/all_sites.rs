@@ -2,21 +2,10 @@
 //! session is extended to, merged in the asked order, paged as if one store held them all,
 //! and a site that is down named in `siteErrors` while the others still answer.
 
-mod support;
-
 use std::collections::HashSet;
 
-use serde_json::{json, Value};
-use support::*;
-
-fn ids(page: &Value) -> Vec<String> {
-    page["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(id_of)
-        .collect()
-}
+use serde_json::json;
+use sitegate_testkit::site::*;
 
 #[tokio::test]
 async fn all_sites_merge_page_and_report_failures() {
@@ -51,21 +40,14 @@ async fn all_sites_merge_page_and_report_failures() {
     assert_eq!(body["siteErrors"], json!([]));
 
     for s in ["site2", "site3"] {
-        site1
-            .post(
-                "/sessions/extend",
-                Some(&alice),
-                &json!({"type": "multisite", "site": s}),
-            )
-            .await
-            .expect(200, None);
+        site1.extend_multisite(&alice, s).await.expect(200, None);
     }
     let everything = site1
         .get("/tasks?site=*&sort=startTime&limit=100", Some(&alice))
         .await;
     let body = everything.expect(200, None).clone();
     assert_eq!(body["total"], 12, "{body}");
-    let all = ids(&body);
+    let all = item_ids(&body);
     let expected: Vec<String> = created.iter().map(|(_, id)| id.clone()).collect();
     assert_eq!(all, expected, "merged in start-time order across sites");
     let sites: HashSet<&str> = body["items"]
@@ -92,7 +74,7 @@ async fn all_sites_merge_page_and_report_failures() {
             .await;
         let b = r.expect(200, None);
         assert_eq!(b["total"], 12);
-        paged.extend(ids(b));
+        paged.extend(item_ids(b));
     }
     let mut reversed = expected.clone();
     reversed.reverse();

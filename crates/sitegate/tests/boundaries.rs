@@ -3,26 +3,13 @@
 //! a real HAProxy for the load-balancer case); each failed before the fix it checks. The
 //! peer-trust and certificate-reload findings are in `security.rs`, beside the PKI helpers.
 
-mod support;
-
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::raw::{self, RawConnection};
-use support::{id_of, new_task, wait_for, Federation, Proc, Site, PASSWORD};
-
-/// One site of a fresh federation, started with `env` overrides.
-async fn site_with(fed: &Federation, name: &str, env: &[(&str, &str)]) -> Site {
-    let mut site = fed.site(name);
-    site.env = env
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    site.start().await;
-    site
-}
+use sitegate_testkit::raw::{self, RawConnection};
+use sitegate_testkit::site as support;
+use support::{id_of, new_task, wait_for, Federation, Site, PASSWORD};
 
 /// A running task of `user` at `site`, created by the site's writer.
 async fn running_task(site: &Site, user: &str) -> Value {
@@ -83,16 +70,16 @@ async fn invented_methods_add_no_metric_series() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_users_long_polls_do_not_starve_another() {
     let fed = Federation::init(&["site1"]);
-    let site = site_with(
-        &fed,
-        "site1",
-        &[
-            ("SITEGATE_LIMITS__MAX_CONCURRENT_REQUESTS", "4"),
-            ("SITEGATE_LIMITS__MAX_HELD_PER_USER", "8"),
-            ("SITEGATE_LIMITS__MAX_HELD_TOTAL", "12"),
-        ],
-    )
-    .await;
+    let site = fed
+        .start_with_env(
+            "site1",
+            &[
+                ("SITEGATE_LIMITS__MAX_CONCURRENT_REQUESTS", "4"),
+                ("SITEGATE_LIMITS__MAX_HELD_PER_USER", "8"),
+                ("SITEGATE_LIMITS__MAX_HELD_TOTAL", "12"),
+            ],
+        )
+        .await;
     let alice = site.login("alice").await;
     let bob = site.login("bob").await;
     let alices = running_task(&site, "alice").await;
@@ -179,15 +166,15 @@ async fn one_users_long_polls_do_not_starve_another() {
 async fn a_busy_client_api_does_not_starve_the_peer_link() {
     let fed = Federation::init(&["site1", "site2"]);
     let site1 = fed.start("site1").await;
-    let site2 = site_with(
-        &fed,
-        "site2",
-        &[
-            ("SITEGATE_LIMITS__MAX_CONCURRENT_REQUESTS", "2"),
-            ("SITEGATE_LIMITS__REQUEST_TIMEOUT_SECS", "4"),
-        ],
-    )
-    .await;
+    let site2 = fed
+        .start_with_env(
+            "site2",
+            &[
+                ("SITEGATE_LIMITS__MAX_CONCURRENT_REQUESTS", "2"),
+                ("SITEGATE_LIMITS__REQUEST_TIMEOUT_SECS", "4"),
+            ],
+        )
+        .await;
     let svc2 = site2.login("svc").await;
     let bob2 = site2.login("bob").await;
     let bobs = site2
@@ -198,11 +185,7 @@ async fn a_busy_client_api_does_not_starve_the_peer_link() {
         .await;
     let alice1 = site1.login("alice").await;
     site1
-        .post(
-            "/sessions/extend",
-            Some(&alice1),
-            &json!({"type": "multisite", "site": "site2"}),
-        )
+        .extend_multisite(&alice1, "site2")
         .await
         .expect(200, None);
     // site2's own users: 10 held polls, and slow bodies holding both client API slots.
@@ -264,15 +247,15 @@ async fn a_busy_client_api_does_not_starve_the_peer_link() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_streams_are_capped_per_user_and_end() {
     let fed = Federation::init(&["site1"]);
-    let site = site_with(
-        &fed,
-        "site1",
-        &[
-            ("SITEGATE_LIMITS__MAX_HELD_PER_USER", "3"),
-            ("SITEGATE_LIMITS__MAX_STREAM_SECS", "2"),
-        ],
-    )
-    .await;
+    let site = fed
+        .start_with_env(
+            "site1",
+            &[
+                ("SITEGATE_LIMITS__MAX_HELD_PER_USER", "3"),
+                ("SITEGATE_LIMITS__MAX_STREAM_SECS", "2"),
+            ],
+        )
+        .await;
     let alice = site.login("alice").await;
     let bob = site.login("bob").await;
     let alices = running_task(&site, "alice").await;
@@ -321,15 +304,15 @@ async fn event_streams_are_capped_per_user_and_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_timeout_covers_the_wait_for_a_slot() {
     let fed = Federation::init(&["site1"]);
-    let site = site_with(
-        &fed,
-        "site1",
-        &[
-            ("SITEGATE_LIMITS__MAX_CONCURRENT_REQUESTS", "2"),
-            ("SITEGATE_LIMITS__REQUEST_TIMEOUT_SECS", "2"),
-        ],
-    )
-    .await;
+    let site = fed
+        .start_with_env(
+            "site1",
+            &[
+                ("SITEGATE_LIMITS__MAX_CONCURRENT_REQUESTS", "2"),
+                ("SITEGATE_LIMITS__REQUEST_TIMEOUT_SECS", "2"),
+            ],
+        )
+        .await;
     let svc = site.login("svc").await;
     let bob = site.login("bob").await;
     // Slow bodies hold both slots: each declares a body and sends it a byte at a time.
@@ -447,20 +430,15 @@ async fn re_extending_ends_the_previous_remote_session() {
     let site2 = fed.start("site2").await;
     let alice = site1.login("alice").await;
     let sessions_at_site2 = || async {
-        let text = site2.get("/metrics", None).await.text;
-        text.lines()
-            .find_map(|l| l.strip_prefix("sitegate_sessions_active "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        site2
+            .metric("sitegate_sessions_active", &[])
+            .await
             .unwrap_or(-1.0)
     };
     let before = sessions_at_site2().await;
     for _ in 0..20 {
         site1
-            .post(
-                "/sessions/extend",
-                Some(&alice),
-                &json!({"type": "multisite", "site": "site2"}),
-            )
+            .extend_multisite(&alice, "site2")
             .await
             .expect(200, None);
     }
@@ -486,12 +464,12 @@ async fn re_extending_ends_the_previous_remote_session() {
 async fn credentials_extensions_are_throttled_at_both_ends() {
     let fed = Federation::init(&["site1", "site2"]);
     let site1 = fed.start("site1").await;
-    let _site2 = site_with(
-        &fed,
-        "site2",
-        &[("SITEGATE_AUTH__LOGIN_FAILURES_PER_ADDRESS", "6")],
-    )
-    .await;
+    let _site2 = fed
+        .start_with_env(
+            "site2",
+            &[("SITEGATE_AUTH__LOGIN_FAILURES_PER_ADDRESS", "6")],
+        )
+        .await;
     let guess = |user: &str, password: &str| json!({"type": "credentials", "site": "site2", "vcdUsername": user, "vcdPassword": password});
     // At site1: alice's refused extensions to site2 lock them after 5.
     let alice = site1.login("alice").await;
@@ -624,34 +602,26 @@ async fn sighup_reloads_and_never_stops_a_site() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_haproxy_each_client_is_throttled_by_its_own_address() {
     let fed = Federation::init(&["site1"]);
-    let site = site_with(
-        &fed,
-        "site1",
-        &[("SITEGATE_LISTEN__TRUSTED_PROXIES", "[\"127.0.0.1\"]")],
-    )
-    .await;
+    let site = fed
+        .start_with_env(
+            "site1",
+            &[("SITEGATE_LISTEN__TRUSTED_PROXIES", "[\"127.0.0.1\"]")],
+        )
+        .await;
     let front = support::free_base_port(1);
-    let cfg = fed.dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
+    let _haproxy = support::start_haproxy(
+        fed.dir.path(),
+        &format!(
             "defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    option forwardfor\n\
              frontend f\n    bind 127.0.0.1:{front}\n    bind 127.0.0.3:{front}\n    bind 127.0.0.4:{front}\n    default_backend b\n\
              backend b\n    server s1 127.0.0.1:{} check inter 200ms\n",
             site.port
         ),
-    )
-    .expect("haproxy config");
-    let mut haproxy = Command::new(support::haproxy_binary());
-    haproxy.arg("-db").arg("-f").arg(&cfg);
-    let _haproxy = Proc::spawn(haproxy, fed.dir.path(), "haproxy");
-    let client_from = |ip: &str| {
-        reqwest::Client::builder()
-            .local_address(ip.parse::<std::net::IpAddr>().ok())
-            .build()
-            .expect("client")
-    };
-    let (mallory, alice) = (client_from("127.0.0.3"), client_from("127.0.0.4"));
+    );
+    let (mallory, alice) = (
+        support::client_from("127.0.0.3"),
+        support::client_from("127.0.0.4"),
+    );
     let login = |client: &reqwest::Client, user: &str, password: &str, spoof: Option<&str>| {
         let mut rb = client
             .post(format!("http://127.0.0.3:{front}/sessions"))

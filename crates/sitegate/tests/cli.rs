@@ -1,14 +1,13 @@
 //! The command line the contract tests rely on: `init`, `serve` (config errors, SIGTERM) and
 //! `demo`.
 
-mod support;
-
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sitegate_testkit::site as support;
 use support::{Federation, Proc, Site, PASSWORD};
 
 fn mode(path: &Path) -> u32 {

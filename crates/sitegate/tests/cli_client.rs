@@ -3,15 +3,13 @@
 //! moves forward and exits 0 on SUCCEEDED and 2 on FAILED, and failed requests print the
 //! server's operationID.
 
-mod support;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::*;
+use sitegate_testkit::site::*;
 
 /// Runs `sitegate <args>` as a client of `site`, with the session kept in `session`.
 fn client(site: &Site, session: &Path, args: &[&str], stdin: Option<&str>) -> Output {

@@ -19,13 +19,12 @@
 //! | `java_httpclient` | a Java orchestrator on Apache HttpClient 4 (found in the public code index without its repository) | `Content-type` spelling, `ssoCredentials` refused clearly, a token sent back with a leading space |
 //! | `malformed_requests_get_the_envelope` | what hyper refuses before any handler | 400/414/431 with the envelope and an `operationID` |
 
-mod support;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::raw::{self, RawConnection, RawReply};
+use sitegate_testkit::raw::{self, RawConnection, RawReply};
+use sitegate_testkit::site as support;
 use support::{id_of, new_task, Federation, Site, PASSWORD};
 
 /// Two sites of a fresh federation, both running; the writer token of each.

@@ -1,180 +1,12 @@
 //! "A write that the server acknowledged is durable (survives kill -9)": writers hammer a site,
 //! the process is killed with SIGKILL while writes are in flight, and after a restart every
-//! acknowledged write must be there.
+//! acknowledged write must be there. The writers, the kill and the check are
+//! `sitegate_testkit::acked_writes`, shared with the same test on PostgreSQL in `faults.rs`.
 
-mod support;
+use std::sync::Arc;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use serde_json::{json, Value};
-use support::{Federation, Site};
-
-const WORKERS: usize = 8;
-const ROUNDS: usize = 2;
-/// How long the writers run before the kill, at least, and how many acknowledged writes they
-/// must have made by then.
-const MIN_RUN: Duration = Duration::from_millis(1500);
-const MIN_ACKED_WRITES: usize = 40;
-const MAX_RUN: Duration = Duration::from_secs(30);
-
-/// The most advanced state of one task that the server acknowledged.
-#[derive(Clone, Debug, Default)]
-struct Ack {
-    progress: i64,
-    succeeded: bool,
-}
-
-#[derive(Default)]
-struct Ledger {
-    acks: Mutex<HashMap<String, Ack>>,
-    acked_writes: AtomicUsize,
-    /// HTTP answers that were not a success: none are expected.
-    refusals: Mutex<Vec<String>>,
-}
-
-impl Ledger {
-    fn record(&self, id: &str, f: impl FnOnce(&mut Ack)) {
-        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
-        f(acks.entry(id.to_owned()).or_default());
-        self.acked_writes.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// Sends one write; `Some(body)` when acknowledged with `want`, `None` when the server is gone.
-async fn write(rb: reqwest::RequestBuilder, want: u16, ledger: &Ledger) -> Option<Value> {
-    let response = rb.send().await.ok()?;
-    let status = response.status().as_u16();
-    let text = response.text().await.ok()?;
-    if status == want {
-        serde_json::from_str(&text).ok()
-    } else {
-        ledger
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(format!("{status}: {text}"));
-        None
-    }
-}
-
-/// Creates tasks and drives each through progress to SUCCEEDED until the server stops
-/// answering, recording every acknowledged step.
-async fn writer(base: String, token: String, ledger: Arc<Ledger>, stop: Arc<AtomicBool>) {
-    let client = support::http_client();
-    while !stop.load(Ordering::SeqCst) {
-        let id = uuid::Uuid::new_v4().to_string();
-        let create = client
-            .post(format!("{base}/tasks"))
-            .header("X-VCAV-Auth", &token)
-            .json(&json!({
-                "id": id,
-                "user": "svc",
-                "workflowInfo": {"type": "sync", "resourceType": "vm", "resourceId": id}
-            }));
-        let Some(task) = write(create, 201, &ledger).await else {
-            return;
-        };
-        assert_eq!(task["id"], json!(id));
-        ledger.record(&id, |_| {});
-        for p in [25, 50, 75] {
-            let patch = client
-                .patch(format!("{base}/tasks/{id}"))
-                .header("X-VCAV-Auth", &token)
-                .json(&json!({"progress": p}));
-            let Some(task) = write(patch, 200, &ledger).await else {
-                return;
-            };
-            assert_eq!(task["progress"], json!(p));
-            ledger.record(&id, |a| a.progress = a.progress.max(p));
-        }
-        let done = client
-            .patch(format!("{base}/tasks/{id}"))
-            .header("X-VCAV-Auth", &token)
-            .json(&json!({"state": "SUCCEEDED", "resultType": "string", "result": "ok"}));
-        let Some(task) = write(done, 200, &ledger).await else {
-            return;
-        };
-        assert_eq!(task["state"], json!("SUCCEEDED"));
-        ledger.record(&id, |a| {
-            a.succeeded = true;
-            a.progress = 100;
-        });
-    }
-}
-
-/// Every acknowledged task is there and at least as advanced as acknowledged.
-async fn verify(site: &Site, token: &str, ledger: &Ledger) -> usize {
-    let acks: Vec<(String, Ack)> = ledger
-        .acks
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut found: HashMap<String, Value> = HashMap::new();
-    for chunk in acks.chunks(1000) {
-        let asked: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
-        let r = site.post("/tasks/poll", Some(token), &json!(asked)).await;
-        let body = r.expect(200, None);
-        let names: Vec<&str> = body["propertyNames"]
-            .as_array()
-            .expect("propertyNames")
-            .iter()
-            .map(|n| n.as_str().expect("name"))
-            .collect();
-        for row in body["values"].as_array().expect("values") {
-            let obj: serde_json::Map<String, Value> = names
-                .iter()
-                .map(|n| (*n).to_owned())
-                .zip(row.as_array().expect("row").iter().cloned())
-                .collect();
-            found.insert(
-                support::id_of(&Value::Object(obj.clone())),
-                Value::Object(obj),
-            );
-        }
-    }
-    let mut lost = Vec::new();
-    for (id, ack) in &acks {
-        let Some(task) = found.get(id) else {
-            lost.push(format!("{id}: acknowledged {ack:?} but missing"));
-            continue;
-        };
-        let state = task["state"].as_str().unwrap_or("?");
-        let progress = task["progress"].as_i64().unwrap_or(-1);
-        if ack.succeeded && state != "SUCCEEDED" {
-            lost.push(format!("{id}: acknowledged SUCCEEDED but is {state}"));
-        }
-        if progress < ack.progress {
-            lost.push(format!(
-                "{id}: acknowledged progress {} but has {progress}",
-                ack.progress
-            ));
-        }
-        if !["RUNNING", "SUCCEEDED"].contains(&state) {
-            lost.push(format!("{id}: unexpected state {state}"));
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged tasks lost writes:\n{}",
-        lost.len(),
-        acks.len(),
-        lost.join("\n")
-    );
-    // Nothing else is lost either: the list agrees with the poll.
-    let r = site.get("/tasks?limit=0", Some(token)).await;
-    let total = r.expect(200, None)["total"].as_u64().expect("total") as usize;
-    assert!(
-        total >= acks.len(),
-        "total {total} < acknowledged {}",
-        acks.len()
-    );
-    acks.len()
-}
+use sitegate_testkit::acked_writes::{self, Ledger, KILL_ROUNDS};
+use sitegate_testkit::site::Federation;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
@@ -183,58 +15,11 @@ async fn acknowledged_writes_survive_kill_9() {
     let token = site.login("svc").await;
     let ledger = Arc::new(Ledger::default());
 
-    for round in 1..=ROUNDS {
-        let before = ledger.acked_writes.load(Ordering::SeqCst);
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|_| {
-                tokio::spawn(writer(
-                    site.url(""),
-                    token.clone(),
-                    ledger.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
-        let started = Instant::now();
-        loop {
-            let acked = ledger.acked_writes.load(Ordering::SeqCst) - before;
-            let elapsed = started.elapsed();
-            if (elapsed >= MIN_RUN && acked >= MIN_ACKED_WRITES) || elapsed >= MAX_RUN {
-                break;
-            }
-            assert!(
-                !workers.iter().all(|w| w.is_finished()),
-                "round {round}: every writer stopped before the kill; refusals: {:?}",
-                ledger.refusals.lock().unwrap_or_else(|e| e.into_inner())
-            );
-            tokio::time::sleep(support::POLL_INTERVAL).await;
-        }
-
-        // Writes are in flight: kill -9.
-        site.kill9();
-        stop.store(true, Ordering::SeqCst);
-        for w in workers {
-            tokio::time::timeout(Duration::from_secs(60), w)
-                .await
-                .expect("a writer did not stop after the kill")
-                .expect("a writer panicked");
-        }
-        let acked = ledger.acked_writes.load(Ordering::SeqCst) - before;
-        assert!(
-            acked >= MIN_ACKED_WRITES,
-            "round {round}: only {acked} writes were acknowledged in {MAX_RUN:?}"
-        );
-        let refusals = ledger
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        assert!(refusals.is_empty(), "writes were refused: {refusals:?}");
-
+    for round in 1..=KILL_ROUNDS {
+        let (acked, _) = acked_writes::write_until_killed(&mut site, &token, &ledger, round).await;
         site.start().await;
         // The session was acknowledged too, so it survived; it reads everything svc wrote.
-        let checked = verify(&site, &token, &ledger).await;
+        let checked = acked_writes::verify(&site, &token, &ledger).await;
         eprintln!("round {round}: {acked} acknowledged writes; {checked} tasks verified");
     }
 }

@@ -30,8 +30,6 @@
 //! The tests of this file run one at a time: their bounds are timings, and they share two
 //! cores with three debug-build sites each.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,10 +39,12 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use sitegate_testkit::acked_writes::{self, Ledger, KILL_ROUNDS};
+use sitegate_testkit::site as support;
 use sitegate_testkit::PgCluster;
 use support::{
-    assert_envelope, free_base_port, id_of, new_task, run_with_deadline, wait_for, Federation,
-    Proc, Site, PASSWORD, POLL_INTERVAL,
+    assert_envelope, env_vars, free_base_port, id_of, new_task, run_with_deadline, wait_for,
+    Federation, PostgresFederation, Proc, Site, PASSWORD, POLL_INTERVAL,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -358,17 +358,6 @@ struct Trio {
     fed: Federation,
 }
 
-fn peer_port(fed: &Federation, site: &str) -> u16 {
-    fed.client_port(site) + 1
-}
-
-fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect()
-}
-
 impl Trio {
     /// Starts the three sites of `fed` (site2 with `site2_env`, site1 with the peer timeouts
     /// of this file and `site1_env`), makes a task at each, and logs alice in at site1 with
@@ -379,7 +368,7 @@ impl Trio {
         site2_env: &[(&str, String)],
     ) -> Trio {
         let mut site1 = fed.site("site1");
-        site1.env = env(&[
+        site1.env = env_vars(&[
             (
                 "SITEGATE_PEERING__REQUEST_TIMEOUT_MS",
                 PEER_TIMEOUT.as_millis().to_string(),
@@ -393,9 +382,9 @@ impl Trio {
                 PROBE_INTERVAL_MS.to_string(),
             ),
         ]);
-        site1.env.extend(env(site1_env));
+        site1.env.extend(env_vars(site1_env));
         let mut site2 = fed.site("site2");
-        site2.env = env(site2_env);
+        site2.env = env_vars(site2_env);
         let mut site3 = fed.site("site3");
         tokio::join!(site1.start(), site2.start(), site3.start());
 
@@ -412,14 +401,7 @@ impl Trio {
         }
         let alice = site1.login("alice").await;
         for peer in ["site2", "site3"] {
-            site1
-                .post(
-                    "/sessions/extend",
-                    Some(&alice),
-                    &json!({"type": "multisite", "site": peer}),
-                )
-                .await
-                .expect(200, None);
+            site1.extend_multisite(&alice, peer).await.expect(200, None);
         }
         let admin = site1.login("admin").await;
         let remote2 = format!("/tasks/{}?site=site2", tasks["site2"]);
@@ -717,7 +699,7 @@ async fn hung_peer_answers_within_the_deadline_others_unaffected_and_recovers() 
 
     // site2's peer port now accepts connections that never answer.
     trio.site2.kill9();
-    let hung = FakePeer::hung(peer_port(&trio.fed, "site2")).await;
+    let hung = FakePeer::hung(trio.fed.peer_port("site2")).await;
     let outcomes = reads_of_faulty_peer(&trio).await;
     let summary = assert_fault_answers(&outcomes, PEER_TIMEOUT + SLACK, true);
     assert_circuit_opened(&outcomes, &summary);
@@ -766,7 +748,7 @@ async fn slow_peer_times_out_others_unaffected_and_recovers() {
     // site2's peer link listens on a port of its own; site1 reaches it through the proxy on
     // the port its configuration names.
     let behind = free_base_port(1);
-    let link = SlowLink::start(peer_port(&fed, "site2"), behind).await;
+    let link = SlowLink::start(fed.peer_port("site2"), behind).await;
     let trio = Trio::start(
         fed,
         &[],
@@ -830,7 +812,7 @@ async fn garbage_from_a_peer_is_unavailable_others_unaffected_and_recovers() {
     .await;
     let bystanders = Traffic::start(&trio.site1, &trio.alice, &trio.bystander_paths);
     bystanders.wait_for_ok(8).await;
-    let port = peer_port(&trio.fed, "site2");
+    let port = trio.fed.peer_port("site2");
 
     // Not TLS at all.
     trio.site2.kill9();
@@ -910,67 +892,26 @@ async fn garbage_from_a_peer_is_unavailable_others_unaffected_and_recovers() {
 // ---------------------------------------------------------------------------------------------
 
 /// A PostgreSQL cluster with a fresh database and one site on it, written by
-/// `sitegate init --sites site1 --postgres <url>`.
+/// `sitegate init --sites site1 --postgres <url>`, started and ready.
 struct SiteOnPostgres {
     site: Site,
     url: String,
     pg: PgCluster,
     /// Holds the site's files and logs.
-    _dir: tempfile::TempDir,
+    _fed: Federation,
 }
 
 async fn site_on_postgres() -> SiteOnPostgres {
-    let pg = tokio::task::spawn_blocking(PgCluster::start)
-        .await
-        .expect("start a PostgreSQL cluster");
-    let url = tokio::task::block_in_place(|| pg.create_database());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fed = dir.path().join("fed");
-    let base = free_base_port(2);
-    let mut cmd = support::command(dir.path());
-    cmd.arg("init")
-        .arg("--dir")
-        .arg(&fed)
-        .arg("--sites")
-        .arg("site1")
-        .arg("--base-port")
-        .arg(base.to_string())
-        .arg("--dev-password")
-        .arg(PASSWORD)
-        .arg("--postgres")
-        .arg(&url);
-    let out = tokio::task::block_in_place(|| run_with_deadline(cmd, Duration::from_secs(60)));
-    assert!(
-        out.status.success(),
-        "sitegate init --postgres failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = fed.join("site1.toml");
-    let text = std::fs::read_to_string(&config).expect("read the site's config");
-    assert!(
-        text.contains(r#"backend = "postgres""#),
-        "init --postgres wrote no PostgreSQL store section:\n{text}"
-    );
-    let mut site = Site::new("site1", config, base, dir.path());
+    let PostgresFederation { fed, url, pg } = support::postgres_federation(&["site1"]).await;
+    let mut site = fed.site("site1");
     site.start().await;
-    wait_ready(&site, Duration::from_secs(30)).await;
+    site.wait_ready(Duration::from_secs(30)).await;
     SiteOnPostgres {
         site,
         url,
         pg,
-        _dir: dir,
+        _fed: fed,
     }
-}
-
-async fn wait_ready(site: &Site, deadline: Duration) {
-    wait_for(&format!("{} /readyz 200", site.name), deadline, || async {
-        match site.client.get(site.url("/readyz")).send().await {
-            Ok(r) if r.status().as_u16() == 200 => Some(()),
-            _ => None,
-        }
-    })
-    .await
 }
 
 fn psql_path() -> PathBuf {
@@ -1140,7 +1081,7 @@ async fn store_outage_fails_fast_without_internals_and_recovers_without_restart(
 
     tokio::task::block_in_place(|| env.pg.restart());
     let restarted = Instant::now();
-    wait_ready(site, Duration::from_secs(30)).await;
+    site.wait_ready(Duration::from_secs(30)).await;
     let ready_after = restarted.elapsed();
 
     // The same process, the same sessions and tasks; writes and logins work again.
@@ -1178,161 +1119,8 @@ async fn store_outage_fails_fast_without_internals_and_recovers_without_restart(
 // ---------------------------------------------------------------------------------------------
 // 3. kill -9 during concurrent writes, on PostgreSQL.
 // ---------------------------------------------------------------------------------------------
-
-const WRITERS: usize = 8;
-const KILL_ROUNDS: usize = 2;
-/// How long the writers run before the kill, at least, and how many acknowledged writes they
-/// must have made by then.
-const MIN_RUN: Duration = Duration::from_millis(1500);
-const MIN_ACKED_WRITES: usize = 40;
-const MAX_RUN: Duration = Duration::from_secs(30);
-
-/// The most advanced state of one task that the server acknowledged.
-#[derive(Clone, Debug, Default)]
-struct Ack {
-    progress: i64,
-    succeeded: bool,
-}
-
-#[derive(Default)]
-struct Ledger {
-    acks: Mutex<HashMap<String, Ack>>,
-    acked_writes: AtomicUsize,
-    /// Creates sent but not acknowledged: they may or may not exist.
-    uncertain_creates: AtomicUsize,
-    /// HTTP answers that were not a success: none are expected.
-    refusals: Mutex<Vec<String>>,
-}
-
-impl Ledger {
-    fn record(&self, id: &str, f: impl FnOnce(&mut Ack)) {
-        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
-        f(acks.entry(id.to_owned()).or_default());
-        self.acked_writes.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn acks(&self) -> Vec<(String, Ack)> {
-        let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
-        acks.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    }
-}
-
-/// Sends one write; `Some(body)` when acknowledged with `want`, `None` when the server is gone.
-async fn write(rb: reqwest::RequestBuilder, want: u16, ledger: &Ledger) -> Option<Value> {
-    let response = rb.send().await.ok()?;
-    let status = response.status().as_u16();
-    let text = response.text().await.ok()?;
-    if status == want {
-        serde_json::from_str(&text).ok()
-    } else {
-        ledger
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(format!("{status}: {text}"));
-        None
-    }
-}
-
-/// Creates tasks and drives each through progress to SUCCEEDED until the server stops
-/// answering, recording every acknowledged step.
-async fn writer(base: String, token: String, ledger: Arc<Ledger>, stop: Arc<AtomicBool>) {
-    let client = support::http_client();
-    while !stop.load(Ordering::SeqCst) {
-        let id = uuid::Uuid::new_v4().to_string();
-        let create = client
-            .post(format!("{base}/tasks"))
-            .header("X-VCAV-Auth", &token)
-            .json(&json!({
-                "id": id,
-                "user": "svc",
-                "workflowInfo": {"type": "sync", "resourceType": "vm", "resourceId": id}
-            }));
-        ledger.uncertain_creates.fetch_add(1, Ordering::SeqCst);
-        let Some(task) = write(create, 201, &ledger).await else {
-            return;
-        };
-        ledger.uncertain_creates.fetch_sub(1, Ordering::SeqCst);
-        assert_eq!(task["id"], json!(id));
-        ledger.record(&id, |_| {});
-        for p in [25, 50, 75] {
-            let patch = client
-                .patch(format!("{base}/tasks/{id}"))
-                .header("X-VCAV-Auth", &token)
-                .json(&json!({"progress": p}));
-            let Some(task) = write(patch, 200, &ledger).await else {
-                return;
-            };
-            assert_eq!(task["progress"], json!(p));
-            ledger.record(&id, |a| a.progress = a.progress.max(p));
-        }
-        let done = client
-            .patch(format!("{base}/tasks/{id}"))
-            .header("X-VCAV-Auth", &token)
-            .json(&json!({"state": "SUCCEEDED", "resultType": "string", "result": "ok"}));
-        let Some(task) = write(done, 200, &ledger).await else {
-            return;
-        };
-        assert_eq!(task["state"], json!("SUCCEEDED"));
-        ledger.record(&id, |a| {
-            a.succeeded = true;
-            a.progress = 100;
-        });
-    }
-}
-
-/// Every acknowledged task is there and at least as advanced as acknowledged.
-async fn verify_acknowledged(site: &Site, token: &str, ledger: &Ledger) {
-    let acks = ledger.acks();
-    let mut found: HashMap<String, Value> = HashMap::new();
-    for chunk in acks.chunks(1000) {
-        let asked: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
-        let r = site.post("/tasks/poll", Some(token), &json!(asked)).await;
-        let body = r.expect(200, None);
-        let names: Vec<&str> = body["propertyNames"]
-            .as_array()
-            .expect("propertyNames")
-            .iter()
-            .map(|n| n.as_str().expect("name"))
-            .collect();
-        for row in body["values"].as_array().expect("values") {
-            let obj: serde_json::Map<String, Value> = names
-                .iter()
-                .map(|n| (*n).to_owned())
-                .zip(row.as_array().expect("row").iter().cloned())
-                .collect();
-            found.insert(id_of(&Value::Object(obj.clone())), Value::Object(obj));
-        }
-    }
-    let mut lost = Vec::new();
-    for (id, ack) in &acks {
-        let Some(task) = found.get(id) else {
-            lost.push(format!("{id}: acknowledged {ack:?} but missing"));
-            continue;
-        };
-        let state = task["state"].as_str().unwrap_or("?");
-        let progress = task["progress"].as_i64().unwrap_or(-1);
-        if ack.succeeded && state != "SUCCEEDED" {
-            lost.push(format!("{id}: acknowledged SUCCEEDED but is {state}"));
-        }
-        if progress < ack.progress {
-            lost.push(format!(
-                "{id}: acknowledged progress {} but has {progress}",
-                ack.progress
-            ));
-        }
-        if !["RUNNING", "SUCCEEDED"].contains(&state) {
-            lost.push(format!("{id}: unexpected state {state}"));
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged tasks lost writes:\n{}",
-        lost.len(),
-        acks.len(),
-        lost.join("\n")
-    );
-}
+// The writers, the kill and the check that every acknowledged write survived are
+// `sitegate_testkit::acked_writes` (as in `durability.rs`); here SQL must agree as well.
 
 /// The store answers every kind of query and they agree with each other and with SQL: the
 /// total, the per-state totals, a walk through every page, and the rows themselves.
@@ -1414,61 +1202,14 @@ async fn acknowledged_writes_survive_kill_9_on_postgres() {
     let mut lines = Vec::new();
 
     for round in 1..=KILL_ROUNDS {
-        let before = ledger.acked_writes.load(Ordering::SeqCst);
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers: Vec<_> = (0..WRITERS)
-            .map(|_| {
-                tokio::spawn(writer(
-                    env.site.url(""),
-                    token.clone(),
-                    ledger.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
-        let started = Instant::now();
-        loop {
-            let acked = ledger.acked_writes.load(Ordering::SeqCst) - before;
-            let elapsed = started.elapsed();
-            if (elapsed >= MIN_RUN && acked >= MIN_ACKED_WRITES) || elapsed >= MAX_RUN {
-                break;
-            }
-            assert!(
-                !workers.iter().all(|w| w.is_finished()),
-                "round {round}: every writer stopped before the kill; refusals: {:?}",
-                ledger.refusals.lock().unwrap_or_else(|e| e.into_inner())
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-
-        // Writes are in flight: kill -9.
-        env.site.kill9();
-        let killed_after = started.elapsed();
-        stop.store(true, Ordering::SeqCst);
-        for w in workers {
-            tokio::time::timeout(Duration::from_secs(60), w)
-                .await
-                .expect("a writer did not stop after the kill")
-                .expect("a writer panicked");
-        }
-        let acked = ledger.acked_writes.load(Ordering::SeqCst) - before;
-        assert!(
-            acked >= MIN_ACKED_WRITES,
-            "round {round}: only {acked} writes were acknowledged in {MAX_RUN:?}"
-        );
-        let refusals = ledger
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        assert!(refusals.is_empty(), "writes were refused: {refusals:?}");
-
+        let (acked, killed_after) =
+            acked_writes::write_until_killed(&mut env.site, &token, &ledger, round).await;
         let restarted = Instant::now();
         env.site.start().await;
-        wait_ready(&env.site, Duration::from_secs(30)).await;
+        env.site.wait_ready(Duration::from_secs(30)).await;
         let ready_after = restarted.elapsed();
         // Sessions are in PostgreSQL too: the token read everything svc wrote.
-        verify_acknowledged(&env.site, &token, &ledger).await;
+        acked_writes::verify(&env.site, &token, &ledger).await;
         let total = verify_consistent(&env.site, &admin, &env.url, &ledger).await;
         // And the store takes writes again at once.
         let fresh = env

@@ -12,24 +12,22 @@
 //! Raw TLS clients are the `curl` command-line tool (OpenSSL), so the peer listener is also
 //! checked against a TLS stack other than its own.
 
-mod support;
-
 use std::ffi::OsStr;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use sitegate_testkit::curl::{curl, curl_peer_link, peer_link_args, require_curl};
+use sitegate_testkit::raw;
+use sitegate_testkit::site as support;
 use support::{
-    command, id_of, new_task, run_with_deadline, send, wait_for, Federation, Reply, Site, PASSWORD,
+    authenticated_sites, command, create_tasks, id_of, json_lines, log_field, new_task,
+    run_with_deadline, send, wait_for, Federation, Reply, Site, COMMAND_DEADLINE, PASSWORD,
 };
-
-/// How long a `sitegate init|pki` or `curl` run may take.
-const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -74,11 +72,6 @@ fn issue_certificate(fed: &Federation, ca_dir: &Path, site: &str, out_dir: &Path
     );
 }
 
-/// The peer-link port of `site`: P + 2k + 1.
-fn peer_port(fed: &Federation, site: &str) -> u16 {
-    fed.client_port(site) + 1
-}
-
 /// Rewrites `site`'s config so that it trusts none of its peers for multisite sessions.
 fn distrust_all_peers(fed: &Federation, site: &str) {
     let path = fed.config_path(site);
@@ -91,26 +84,6 @@ fn distrust_all_peers(fed: &Federation, site: &str) {
         path.display()
     );
     std::fs::write(&path, changed).expect("write the site config");
-}
-
-/// A site handle with extra environment (config overrides), started.
-async fn start_with_env(fed: &Federation, site: &str, env: &[(&str, &str)]) -> Site {
-    let mut s = fed.site(site);
-    s.env = env
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    s.start().await;
-    s
-}
-
-async fn extend_multisite(site: &Site, token: &str, peer: &str) -> Reply {
-    site.post(
-        "/sessions/extend",
-        Some(token),
-        &json!({"type": "multisite", "site": peer}),
-    )
-    .await
 }
 
 async fn extend_credentials(
@@ -128,22 +101,12 @@ async fn extend_credentials(
     .await
 }
 
-/// The site names of a session-details body's `authenticatedSites`.
-fn authenticated_sites(details: &Value) -> Vec<String> {
-    details["authenticatedSites"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no authenticatedSites in {details}"))
-        .iter()
-        .map(|s| s["site"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
 /// Logs `user` in at `site` and extends the session to every one of `peers` with a multisite
 /// request, which must succeed.
 async fn login_extended(site: &Site, user: &str, peers: &[&str]) -> String {
     let token = site.login(user).await;
     for peer in peers {
-        let r = extend_multisite(site, &token, peer).await;
+        let r = site.extend_multisite(&token, peer).await;
         let details = r.expect(200, None);
         let sites = authenticated_sites(details);
         assert!(
@@ -152,11 +115,6 @@ async fn login_extended(site: &Site, user: &str, peers: &[&str]) -> String {
         );
     }
     token
-}
-
-/// The error envelope's `msg`.
-fn msg(reply: &Reply) -> String {
-    reply.body["msg"].as_str().unwrap_or_default().to_owned()
 }
 
 /// The `/sites` entry of `peer` as `site` reports it.
@@ -171,119 +129,12 @@ async fn site_entry(site: &Site, token: &str, peer: &str) -> Value {
         .unwrap_or_else(|| panic!("/sites at {} does not list {peer}: {list}", site.name))
 }
 
-/// A field of a JSON log line: at the top level, or in its `span` object or `spans` list (the
-/// places `tracing-subscriber`'s JSON formats put span fields).
-fn log_field(line: &Value, key: &str) -> Option<String> {
-    let as_text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    };
-    line.get(key)
-        .and_then(as_text)
-        .or_else(|| line.get("span").and_then(|s| s.get(key)).and_then(as_text))
-        .or_else(|| {
-            line.get("spans")
-                .and_then(Value::as_array)
-                .and_then(|spans| spans.iter().find_map(|s| s.get(key).and_then(as_text)))
-        })
-}
-
 /// The JSON log lines (of a site's output) that carry `operation_id`.
 fn log_lines_of(log: &str, operation_id: &str) -> Vec<Value> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    json_lines(log)
+        .into_iter()
         .filter(|l| log_field(l, "operation_id").as_deref() == Some(operation_id))
         .collect()
-}
-/// What a `curl` run produced.
-struct CurlOutcome {
-    /// curl's exit code (0 when a response was received).
-    exit: Option<i32>,
-    /// `%{http_code}`: "000" when no HTTP response came.
-    http_code: String,
-    body: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for CurlOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "curl exit {:?}, http_code {}, body {:?}, stderr {:?}",
-            self.exit, self.http_code, self.body, self.stderr
-        )
-    }
-}
-
-/// Marks the end of the body in curl's output; `%{http_code}` follows it.
-const CURL_STATUS_MARK: &str = "\n--http-code--";
-
-fn run_curl(args: &[String]) -> Output {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--noproxy", "*", "--max-time", "10"])
-        .args(args);
-    run_with_deadline(cmd, COMMAND_DEADLINE)
-}
-
-/// Asserts the curl tool is installed; the raw TLS checks depend on it.
-fn require_curl() {
-    let ok = Command::new("curl")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(ok, "these tests need the `curl` command-line tool");
-}
-
-/// A TLS client for `site`'s peer listener: verifies the server against the federation CA with
-/// the site's name as the TLS name, presents `client_cert` (a `.pem`, with its `.key` beside
-/// it) if given.
-fn peer_link_args(fed: &Federation, site: &str, client_cert: Option<&Path>) -> Vec<String> {
-    let port = peer_port(fed, site);
-    let mut args = vec![
-        "--cacert".to_owned(),
-        fed.fed_dir().join("ca.pem").display().to_string(),
-        "--resolve".to_owned(),
-        format!("{site}:{port}:127.0.0.1"),
-    ];
-    if let Some(cert) = client_cert {
-        args.push("--cert".to_owned());
-        args.push(cert.display().to_string());
-        args.push("--key".to_owned());
-        args.push(cert.with_extension("key").display().to_string());
-    }
-    args
-}
-
-/// A request to `site`'s peer listener with `curl`.
-fn curl_peer_link(
-    fed: &Federation,
-    site: &str,
-    client_cert: Option<&Path>,
-    path: &str,
-    token: Option<&str>,
-) -> CurlOutcome {
-    let mut args = peer_link_args(fed, site, client_cert);
-    if let Some(token) = token {
-        args.push("-H".to_owned());
-        args.push(format!("X-VCAV-Auth: {token}"));
-    }
-    args.push("-w".to_owned());
-    args.push(format!("{CURL_STATUS_MARK}%{{http_code}}"));
-    args.push(format!("https://{site}:{}{path}", peer_port(fed, site)));
-    let out = run_curl(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, http_code) = stdout
-        .rsplit_once(CURL_STATUS_MARK)
-        .map(|(b, c)| (b.to_owned(), c.trim().to_owned()))
-        .unwrap_or_else(|| (stdout.clone(), String::new()));
-    CurlOutcome {
-        exit: out.status.code(),
-        http_code,
-        body,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// The "Expire date" of the certificate `site`'s peer listener serves to a new connection
@@ -295,47 +146,15 @@ fn served_certificate_expiry(fed: &Federation, site: &str, client_cert: &Path) -
         "/dev/null".to_owned(),
         "-w".to_owned(),
         "%{certs}".to_owned(),
-        format!("https://{site}:{}/healthz", peer_port(fed, site)),
+        format!("https://{site}:{}/healthz", fed.peer_port(site)),
     ]);
-    let out = run_curl(&args);
-    if !out.status.success() {
+    let run = curl(&args);
+    if run.exit != Some(0) {
         return None;
     }
-    String::from_utf8_lossy(&out.stdout)
+    run.stdout
         .lines()
         .find_map(|l| l.strip_prefix("Expire date:").map(|d| d.trim().to_owned()))
-}
-
-/// Sends an HTTP/1.1 request in clear text to `port` and returns whatever came back before the
-/// connection closed (or 5 s passed).
-fn plain_http_exchange(port: u16) -> Vec<u8> {
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the peer port");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set a read timeout");
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("send a plain HTTP request");
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-    }
-    answer
-}
-
-/// Creates tasks at `site` as its writer `svc`; returns them in the order given.
-async fn create_tasks(site: &Site, bodies: &[Value]) -> Vec<Value> {
-    let svc = site.login("svc").await;
-    let mut tasks = Vec::new();
-    for body in bodies {
-        tasks.push(site.create_task(&svc, body).await);
-    }
-    tasks
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -650,7 +469,7 @@ async fn remote_errors_stay_distinct_and_pass_through() {
     ] {
         let r = site1.get(&path, Some(&alice1)).await;
         r.expect(401, Some("RemoteAuthenticationFailure"));
-        assert!(msg(&r).contains("site2"), "{r:?}");
+        assert!(r.msg().contains("site2"), "{r:?}");
     }
     let r = site1
         .post("/tasks/poll?site=site2", Some(&alice1), &json!([id]))
@@ -671,14 +490,15 @@ async fn remote_errors_stay_distinct_and_pass_through() {
         .post("/tasks/poll?site=nowhere", Some(&alice1), &json!([id]))
         .await
         .expect(404, Some("SiteNotFound"));
-    extend_multisite(&site1, &alice1, "nowhere")
+    site1
+        .extend_multisite(&alice1, "nowhere")
         .await
         .expect(404, Some("SiteNotFound"));
 
     // Wrong password on a credentials extension.
     let r = extend_credentials(&site1, &alice1, "site2", "alice", "not-the-password").await;
     r.expect(401, Some("RemoteAuthenticationFailure"));
-    assert!(msg(&r).contains("site2"), "{r:?}");
+    assert!(r.msg().contains("site2"), "{r:?}");
     // An unknown user there too.
     extend_credentials(&site1, &alice1, "site2", "mallory", PASSWORD)
         .await
@@ -687,10 +507,12 @@ async fn remote_errors_stay_distinct_and_pass_through() {
     assert_eq!(authenticated_sites(r.expect(200, None)), ["site1"]);
 
     // Multisite refused by a site that does not trust the caller; credentials still work.
-    let r = extend_multisite(&site1, &alice1, "site3").await;
+    let r = site1.extend_multisite(&alice1, "site3").await;
     r.expect(401, Some("RemoteAuthenticationFailure"));
-    assert!(msg(&r).contains("site3"), "{r:?}");
-    let r = extend_multisite(&site2, &site2.login("alice").await, "site3").await;
+    assert!(r.msg().contains("site3"), "{r:?}");
+    let r = site2
+        .extend_multisite(&site2.login("alice").await, "site3")
+        .await;
     r.expect(401, Some("RemoteAuthenticationFailure"));
     extend_credentials(&site1, &alice1, "site3", "alice", PASSWORD)
         .await
@@ -701,7 +523,8 @@ async fn remote_errors_stay_distinct_and_pass_through() {
         .expect(200, None);
     // ... while site3 itself may still ask the others, which trust it.
     let alice3 = site3.login("alice").await;
-    extend_multisite(&site3, &alice3, "site2")
+    site3
+        .extend_multisite(&alice3, "site2")
         .await
         .expect(200, None);
     let r = site3
@@ -710,7 +533,8 @@ async fn remote_errors_stay_distinct_and_pass_through() {
     assert_eq!(r.expect(200, None)["id"], json!(id));
 
     // A remote TaskNotFound and BadUserInput reach the caller unchanged.
-    extend_multisite(&site1, &alice1, "site2")
+    site1
+        .extend_multisite(&alice1, "site2")
         .await
         .expect(200, None);
     let alice2 = site2.login("alice").await;
@@ -777,11 +601,11 @@ async fn a_site_with_a_certificate_from_another_ca_is_refused_both_ways() {
     // site1 -> site3: site1 cannot verify site3's certificate.
     let alice1 = site1.login("alice").await;
     for r in [
-        extend_multisite(&site1, &alice1, "site3").await,
+        site1.extend_multisite(&alice1, "site3").await,
         extend_credentials(&site1, &alice1, "site3", "alice", PASSWORD).await,
     ] {
         r.expect(401, Some("RemoteAuthenticationFailure"));
-        let m = msg(&r);
+        let m = r.msg();
         assert!(
             m.contains("site3") && m.contains("TLS handshake") && m.contains("certificate"),
             "message should name the site and the TLS step: {r:?}"
@@ -798,9 +622,9 @@ async fn a_site_with_a_certificate_from_another_ca_is_refused_both_ways() {
     // site3 -> site1: site1 refuses site3's certificate. (Asserted last: site1's view first.)
     let alice3 = site3.login("alice").await;
     let refusals = [
-        extend_multisite(&site3, &alice3, "site1").await,
+        site3.extend_multisite(&alice3, "site1").await,
         extend_credentials(&site3, &alice3, "site1", "alice", PASSWORD).await,
-        extend_multisite(&site3, &alice3, "site1").await,
+        site3.extend_multisite(&alice3, "site1").await,
     ];
 
     // site1 reports both directions of its link to site3 as failing.
@@ -828,7 +652,7 @@ async fn a_site_with_a_certificate_from_another_ca_is_refused_both_ways() {
 
     for r in &refusals {
         r.expect(401, Some("RemoteAuthenticationFailure"));
-        let m = msg(r);
+        let m = r.msg();
         assert!(
             m.contains("site1") && m.contains("TLS handshake") && m.contains("certificate"),
             "message should name the site and the TLS step: {r:?}"
@@ -900,10 +724,12 @@ async fn the_peer_listener_refuses_clients_that_are_not_peers() {
     assert!(r.exit != Some(0) && r.http_code == "000", "{r:?}");
 
     // Plain HTTP gets no HTTP answer.
-    let port = peer_port(&fed, "site1");
-    let answer = tokio::task::spawn_blocking(move || plain_http_exchange(port))
-        .await
-        .expect("plain HTTP exchange");
+    let port = fed.peer_port("site1");
+    let answer = tokio::task::spawn_blocking(move || {
+        raw::exchange_until_close(port, raw::PLAIN_HTTP_REQUEST)
+    })
+    .await
+    .expect("plain HTTP exchange");
     let text = String::from_utf8_lossy(&answer);
     assert!(
         !text.contains("HTTP/") && !text.contains("status"),
@@ -946,12 +772,9 @@ async fn the_peer_listener_refuses_clients_that_are_not_peers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_peer_fails_fast_and_recovers_after_restart() {
     let fed = Federation::init(&["site1", "site2"]);
-    let site1 = start_with_env(
-        &fed,
-        "site1",
-        &[("SITEGATE_PEERING__PROBE_INTERVAL_MS", "300")],
-    )
-    .await;
+    let site1 = fed
+        .start_with_env("site1", &[("SITEGATE_PEERING__PROBE_INTERVAL_MS", "300")])
+        .await;
     let mut site2 = fed.start("site2").await;
     let task = create_tasks(&site2, &[new_task("alice", "sync", "vm", "vm-1", "web")]).await;
     let id = id_of(&task[0]);
@@ -971,7 +794,7 @@ async fn a_killed_peer_fails_fast_and_recovers_after_restart() {
     let took = started.elapsed();
     r.expect(502, Some("RemoteSiteUnavailable"));
     assert!(took < Duration::from_secs(2), "took {took:?}");
-    assert!(msg(&r).contains("site2"), "{r:?}");
+    assert!(r.msg().contains("site2"), "{r:?}");
     let retry_after: u64 = r
         .header("retry-after")
         .and_then(|v| v.parse().ok())
@@ -1135,18 +958,18 @@ async fn certificates_rotate_without_a_failed_request() {
     let fed = Federation::init(&["site1", "site2", "site3"]);
     let fed_dir = fed.fed_dir();
     // site1 reloads through its file watcher (every second); site2 only on SIGHUP.
-    let site1 = start_with_env(
-        &fed,
-        "site1",
-        &[("SITEGATE_PEERING__TLS_RELOAD_INTERVAL_SECS", "1")],
-    )
-    .await;
-    let site2 = start_with_env(
-        &fed,
-        "site2",
-        &[("SITEGATE_PEERING__TLS_RELOAD_INTERVAL_SECS", "3600")],
-    )
-    .await;
+    let site1 = fed
+        .start_with_env(
+            "site1",
+            &[("SITEGATE_PEERING__TLS_RELOAD_INTERVAL_SECS", "1")],
+        )
+        .await;
+    let site2 = fed
+        .start_with_env(
+            "site2",
+            &[("SITEGATE_PEERING__TLS_RELOAD_INTERVAL_SECS", "3600")],
+        )
+        .await;
     let task = create_tasks(&site2, &[new_task("alice", "sync", "vm", "vm-1", "web")]).await;
     let id = id_of(&task[0]);
     let alice1 = login_extended(&site1, "alice", &["site2"]).await;

@@ -8,13 +8,12 @@
 //! request), so the timing tests take about that long and no test sleeps for a fixed time
 //! to wait for something.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{assert_envelope, id_of, new_task, Federation, Reply, Site};
+use sitegate_testkit::site as support;
+use support::{assert_envelope, id_of, is_uuid, new_task, Federation, Reply, Site};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -65,10 +64,6 @@ async fn hostile_site(extra: &[(&str, &str)]) -> (Federation, Site) {
     (fed, site)
 }
 
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36 && uuid::Uuid::try_parse(s).is_ok()
-}
-
 /// The server still answers a new client, and still reads its store.
 async fn assert_alive(site: &Site, token: &str) {
     site.get("/healthz", None).await.expect(200, None);
@@ -90,12 +85,6 @@ fn assert_refused(r: &Reply, status: u16, code: &str, what: &str) {
     );
     let op = r.operation_id();
     assert!(is_uuid(&op), "{what}: operationID {op:?}");
-}
-
-/// The full task as an admin sees it, to compare before and after refused writes.
-async fn task_now(site: &Site, admin: &str, id: &str) -> Value {
-    let r = site.get(&format!("/tasks/{id}"), Some(admin)).await;
-    r.expect(200, None).clone()
 }
 
 async fn task_total(site: &Site, admin: &str) -> i64 {
@@ -419,7 +408,7 @@ async fn hostile_query_parameters_are_refused_with_the_envelope() {
 
     // Nothing changed.
     assert_eq!(task_total(&site, &admin).await, 1);
-    assert_eq!(task_now(&site, &admin, &id).await, task);
+    assert_eq!(site.task(&id, &admin).await, task);
     assert_alive(&site, &alice).await;
 }
 
@@ -493,7 +482,7 @@ async fn hostile_path_segments_are_refused_with_the_envelope() {
     // The session survived every refused call, and the task is untouched.
     site.get("/sessions", Some(&alice)).await.expect(200, None);
     let admin = site.login("admin").await;
-    assert_eq!(task_now(&site, &admin, &id).await, task);
+    assert_eq!(site.task(&id, &admin).await, task);
     assert_alive(&site, &alice).await;
 }
 
@@ -680,7 +669,7 @@ async fn hostile_json_bodies_change_nothing() {
 
     // Nothing was created or changed.
     assert_eq!(task_total(&site, &admin).await, 1);
-    assert_eq!(task_now(&site, &admin, &id).await, task);
+    assert_eq!(site.task(&id, &admin).await, task);
     assert_alive(&site, &alice).await;
 }
 
@@ -770,7 +759,7 @@ async fn oversized_and_slow_bodies_get_413_and_408() {
     );
     assert!(is_uuid(&r.header("operationID").unwrap_or_default()));
 
-    assert_eq!(task_now(&site, &admin, &id).await, task);
+    assert_eq!(site.task(&id, &admin).await, task);
     assert_eq!(task_total(&site, &admin).await, 1);
     assert_alive(&site, &alice).await;
 }

@@ -10,8 +10,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +20,7 @@ use serde_json::json;
 use sitegate_model::query::TaskQuery;
 use sitegate_model::task::{NewTask, TaskPatch, TaskState, WorkflowInfo};
 use sitegate_store::{EmbeddedStore, TaskStore};
+use sitegate_testkit::site as support;
 use support::{Federation, Site};
 use uuid::Uuid;
 
@@ -193,19 +192,6 @@ async fn load(
     )
 }
 
-/// A metric's value from `/metrics` (0 when absent).
-async fn metric(site: &Site, name: &str) -> f64 {
-    let r = site.get("/metrics", None).await;
-    assert_eq!(r.status, 200);
-    r.text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 /// The database file's size (its write-ahead log is folded into it at a clean stop, and
 /// is bounded by `journal_size_limit` while the site runs).
 fn store_bytes(dir: &Path) -> u64 {
@@ -242,8 +228,16 @@ async fn retention_removes_finished_tasks_while_clients_stay_fast() {
     };
     let (reads_before, writes_before) = load(&site, &token, &running, stop).await;
     stopper.await.unwrap();
-    assert_eq!(metric(&site, "sitegate_tasks_purged_total").await, 0.0);
-    let size_metric_before = metric(&site, "sitegate_store_size_bytes").await;
+    assert_eq!(
+        site.metric("sitegate_tasks_purged_total", &[])
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    let size_metric_before = site
+        .metric("sitegate_store_size_bytes", &[])
+        .await
+        .unwrap_or(0.0);
     assert!(size_metric_before > 0.0, "the store's size is on /metrics");
     site.terminate().await;
     let bytes_before = store_bytes(&dir);
@@ -260,7 +254,10 @@ async fn retention_removes_finished_tasks_while_clients_stay_fast() {
         tokio::spawn(async move {
             // Until every seeded finished task (and the phase before's) is gone.
             loop {
-                let purged = metric(&site, "sitegate_tasks_purged_total").await;
+                let purged = site
+                    .metric("sitegate_tasks_purged_total", &[])
+                    .await
+                    .unwrap_or(0.0);
                 if purged >= FINISHED as f64 {
                     break;
                 }
@@ -328,7 +325,10 @@ async fn retention_removes_finished_tasks_while_clients_stay_fast() {
         "store: {bytes_before} bytes before the purge, {bytes_after} after ({:.0}%)",
         bytes_after as f64 * 100.0 / bytes_before as f64
     );
-    let size_metric = metric(&site, "sitegate_store_size_bytes").await;
+    let size_metric = site
+        .metric("sitegate_store_size_bytes", &[])
+        .await
+        .unwrap_or(0.0);
     assert!(size_metric > 0.0);
 }
 

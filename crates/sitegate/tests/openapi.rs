@@ -8,14 +8,12 @@
 //! `PATH`; CI installs it (see `.ci/run`). Its seed is random unless
 //! `SITEGATE_SCHEMATHESIS_SEED` is set; a failing run prints the seed to reproduce it.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::*;
+use sitegate_testkit::site::*;
 
 /// The whole schemathesis run may take this long before it is killed; it normally needs
 /// about a minute.

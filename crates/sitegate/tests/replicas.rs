@@ -10,21 +10,19 @@
 //!
 //! Nothing sleeps for a fixed time: every wait polls a condition against a deadline.
 
-mod support;
-
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use sitegate_testkit::site as support;
 use sitegate_testkit::PgCluster;
 use support::{
-    assert_envelope, free_base_port, id_of, new_task, run_with_deadline, wait_for, Proc, Site,
-    PASSWORD, POLL_INTERVAL,
+    assert_envelope, free_base_port, id_of, new_task, wait_for, Federation, PostgresFederation,
+    Proc, Site, PASSWORD, POLL_INTERVAL,
 };
 
 /// The replicas' `limits.drain_delay_ms`: well above HAProxy's `inter x fall` (200 ms x 2).
@@ -51,45 +49,19 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A PostgreSQL cluster with a fresh database, and one site written by
 /// `sitegate init --sites site1 --postgres <url>` into a temporary directory.
 struct SiteOnPostgres {
-    /// The working directory of the replicas (their logs are written here); holds `fed/`.
-    dir: tempfile::TempDir,
-    config: PathBuf,
+    /// The replicas' working directory is the federation's (their logs are written there).
+    fed: Federation,
     pg: PgCluster,
 }
 
 async fn site_on_postgres() -> SiteOnPostgres {
-    let pg = tokio::task::spawn_blocking(PgCluster::start)
-        .await
-        .expect("start a PostgreSQL cluster");
-    let url = tokio::task::block_in_place(|| pg.create_database());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fed = dir.path().join("fed");
-    let mut cmd = support::command(dir.path());
-    cmd.arg("init")
-        .arg("--dir")
-        .arg(&fed)
-        .arg("--sites")
-        .arg("site1")
-        .arg("--base-port")
-        .arg(free_base_port(2).to_string())
-        .arg("--dev-password")
-        .arg(PASSWORD)
-        .arg("--postgres")
-        .arg(&url);
-    let out = tokio::task::block_in_place(|| run_with_deadline(cmd, Duration::from_secs(60)));
+    let PostgresFederation { fed, pg, .. } = support::postgres_federation(&["site1"]).await;
+    let text = std::fs::read_to_string(fed.config_path("site1")).expect("read the site's config");
     assert!(
-        out.status.success(),
-        "sitegate init --postgres failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        text.contains(r#"schema = "sitegate_site1""#),
+        "init --postgres wrote no schema of the site:\n{text}"
     );
-    let config = fed.join("site1.toml");
-    let text = std::fs::read_to_string(&config).expect("read the site's config");
-    assert!(
-        text.contains(r#"backend = "postgres""#) && text.contains(r#"schema = "sitegate_site1""#),
-        "init --postgres wrote no PostgreSQL store section:\n{text}"
-    );
-    SiteOnPostgres { dir, config, pg }
+    SiteOnPostgres { fed, pg }
 }
 
 impl SiteOnPostgres {
@@ -98,7 +70,12 @@ impl SiteOnPostgres {
     /// `SITEGATE_<SECTION>__<KEY>` environment overrides as a deployment would.
     fn replica(&self, name: &str) -> Site {
         let base = free_base_port(2);
-        let mut site = Site::new(name, self.config.clone(), base, self.dir.path());
+        let mut site = Site::new(
+            name,
+            self.fed.config_path("site1"),
+            base,
+            self.fed.dir.path(),
+        );
         site.env = vec![
             (
                 "SITEGATE_LISTEN__CLIENT".into(),
@@ -119,17 +96,6 @@ impl SiteOnPostgres {
         ];
         site
     }
-}
-
-/// Waits until `site` answers `/readyz` with 200.
-async fn wait_ready(site: &Site, deadline: Duration) {
-    wait_for(&format!("{} /readyz 200", site.name), deadline, || async {
-        match site.client.get(site.url("/readyz")).send().await {
-            Ok(r) if r.status().as_u16() == 200 => Some(()),
-            _ => None,
-        }
-    })
-    .await
 }
 
 /// The HAProxy configuration: `deploy/haproxy.cfg`'s shape on free ports, with the health
@@ -207,25 +173,11 @@ struct ServerStats {
 
 impl Haproxy {
     async fn start(dir: &Path, servers: &[(&str, u16)]) -> Haproxy {
-        let binary = support::haproxy_binary();
         let base = free_base_port(2);
         let (port, stats_port) = (base, base + 1);
-        let cfg_path = dir.join("haproxy.cfg");
-        std::fs::write(&cfg_path, haproxy_config(port, stats_port, servers))
-            .expect("write haproxy.cfg");
-        let mut check = Command::new(&binary);
-        check.arg("-c").arg("-f").arg(&cfg_path);
-        let out = tokio::task::block_in_place(|| run_with_deadline(check, Duration::from_secs(30)));
-        assert!(
-            out.status.success(),
-            "haproxy -c refused the config: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut cmd = Command::new(&binary);
-        cmd.arg("-f").arg(&cfg_path).arg("-db");
+        let config = haproxy_config(port, stats_port, servers);
         let mut haproxy = Haproxy {
-            proc: Proc::spawn(cmd, dir, "haproxy"),
+            proc: tokio::task::block_in_place(|| support::start_haproxy(dir, &config)),
             port,
             stats_port,
             client: support::http_client(),
@@ -366,8 +318,8 @@ async fn replicas_share_sessions_and_tasks() {
     let mut a = env.replica("replicaA");
     let mut b = env.replica("replicaB");
     tokio::join!(a.start(), b.start());
-    wait_ready(&a, Duration::from_secs(30)).await;
-    wait_ready(&b, Duration::from_secs(30)).await;
+    a.wait_ready(Duration::from_secs(30)).await;
+    b.wait_ready(Duration::from_secs(30)).await;
 
     // A login on A is a session on B.
     let alice = a.login("alice").await;
@@ -613,7 +565,7 @@ async fn rolling_step(haproxy: &Haproxy, replica: &mut Site, timeline: &Mutex<Ve
     );
     let t1 = Instant::now();
     replica.start().await;
-    wait_ready(replica, Duration::from_secs(30)).await;
+    replica.wait_ready(Duration::from_secs(30)).await;
     haproxy.wait_server(&name, "UP").await;
     log(format!(
         "pid {}: restarted, ready and UP in HAProxy after {:?}",
@@ -629,10 +581,10 @@ async fn rolling_restart_behind_haproxy_loses_no_request() {
     let mut a = env.replica("replicaA");
     let mut b = env.replica("replicaB");
     tokio::join!(a.start(), b.start());
-    wait_ready(&a, Duration::from_secs(30)).await;
-    wait_ready(&b, Duration::from_secs(30)).await;
+    a.wait_ready(Duration::from_secs(30)).await;
+    b.wait_ready(Duration::from_secs(30)).await;
     let haproxy = Haproxy::start(
-        env.dir.path(),
+        env.fed.dir.path(),
         &[(a.name.as_str(), a.port), (b.name.as_str(), b.port)],
     )
     .await;
@@ -784,7 +736,7 @@ async fn store_outage_fails_fast_and_recovers() {
     let env = site_on_postgres().await;
     let mut a = env.replica("replicaA");
     a.start().await;
-    wait_ready(&a, Duration::from_secs(30)).await;
+    a.wait_ready(Duration::from_secs(30)).await;
     let pid = a.pid();
     let svc = a.login("svc").await;
     let alice = a.login("alice").await;
@@ -838,7 +790,7 @@ async fn store_outage_fails_fast_and_recovers() {
 
     tokio::task::block_in_place(|| env.pg.restart());
     let restarted = Instant::now();
-    wait_ready(&a, Duration::from_secs(30)).await;
+    a.wait_ready(Duration::from_secs(30)).await;
     let ready_after = restarted.elapsed();
     eprintln!(
         "store outage: /readyz 503 after {readyz_after:?}; ready again {ready_after:?} after \

@@ -19,75 +19,27 @@
 //! Raw TLS checks use the `curl` tool (OpenSSL) and hand-made ClientHello records, so the
 //! listeners are checked against something other than their own TLS stack.
 
-mod support;
-
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sitegate_testkit::curl::{curl, curl_peer_link, peer_link_args, require_curl};
+use sitegate_testkit::raw::{self, exchange_until_close};
+use sitegate_testkit::site as support;
 use support::{
-    assert_envelope, command, id_of, new_task, run_with_deadline, Federation, Proc, Reply, Site,
-    PASSWORD, POLL_INTERVAL, START_DEADLINE,
+    assert_envelope, authenticated_sites, client_from, command, create_tasks, id_of, item_ids,
+    json_lines, log_field, new_task, run_with_deadline, Federation, Proc, Reply, Site,
+    COMMAND_DEADLINE, PASSWORD, POLL_INTERVAL, START_DEADLINE,
 };
-
-/// How long one `curl` run may take.
-const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A site handle with extra environment (config overrides), not yet started.
-fn site_with_env(fed: &Federation, site: &str, env: &[(&str, &str)]) -> Site {
-    let mut s = fed.site(site);
-    s.env = env
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    s
-}
-
-async fn start_with_env(fed: &Federation, site: &str, env: &[(&str, &str)]) -> Site {
-    let mut s = site_with_env(fed, site, env);
-    s.start().await;
-    s
-}
-
 async fn extend(site: &Site, token: &str, body: Value) -> Reply {
     site.post("/sessions/extend", Some(token), &body).await
-}
-
-async fn extend_multisite(site: &Site, token: &str, peer: &str) -> Reply {
-    extend(site, token, json!({"type": "multisite", "site": peer})).await
-}
-
-/// The site names of a session-details body's `authenticatedSites`.
-fn authenticated_sites(details: &Value) -> Vec<String> {
-    details["authenticatedSites"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no authenticatedSites in {details}"))
-        .iter()
-        .map(|s| s["site"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
-/// Creates tasks at `site` as its writer `svc`; returns them in the order given.
-async fn create_tasks(site: &Site, bodies: &[Value]) -> Vec<Value> {
-    let svc = site.login("svc").await;
-    let mut tasks = Vec::new();
-    for body in bodies {
-        tasks.push(site.create_task(&svc, body).await);
-    }
-    tasks
-}
-
-/// The error envelope's `msg`.
-fn msg(reply: &Reply) -> String {
-    reply.body["msg"].as_str().unwrap_or_default().to_owned()
 }
 
 /// The `Retry-After` header in whole seconds.
@@ -117,16 +69,6 @@ fn assert_same_as_missing(what: &str, reply: &Reply, id: &str, missing: &Reply, 
     );
 }
 
-/// The IDs of a `GET /tasks` answer's items.
-fn item_ids(body: &Value) -> Vec<String> {
-    body["items"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no items in {body}"))
-        .iter()
-        .map(id_of)
-        .collect()
-}
-
 /// The task IDs of a poll answer's rows (the column named `id`).
 fn poll_ids(body: &Value) -> Vec<String> {
     let names = body["propertyNames"]
@@ -143,117 +85,6 @@ fn poll_ids(body: &Value) -> Vec<String> {
         .map(|row| row[column].as_str().unwrap_or_default().to_owned())
         .collect()
 }
-
-/// A field of a JSON log line: at the top level, or in its `span` object or `spans` list.
-fn log_field(line: &Value, key: &str) -> Option<String> {
-    let as_text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    };
-    line.get(key)
-        .and_then(as_text)
-        .or_else(|| line.get("span").and_then(|s| s.get(key)).and_then(as_text))
-        .or_else(|| {
-            line.get("spans")
-                .and_then(Value::as_array)
-                .and_then(|spans| spans.iter().find_map(|s| s.get(key).and_then(as_text)))
-        })
-        .or_else(|| {
-            line.get("fields")
-                .and_then(|f| f.get(key))
-                .and_then(as_text)
-        })
-}
-
-/// The JSON lines of a log.
-fn json_lines(log: &str) -> Vec<Value> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect()
-}
-
-/// What a `curl` run produced.
-#[derive(Debug)]
-struct Curl {
-    exit: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn curl(args: &[String]) -> Curl {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--noproxy", "*", "--max-time", "10"])
-        .args(args);
-    let out = run_with_deadline(cmd, COMMAND_DEADLINE);
-    Curl {
-        exit: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Asserts the curl tool is installed; the raw TLS checks depend on it.
-fn require_curl() {
-    let ok = Command::new("curl")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(ok, "these tests need the `curl` command-line tool");
-}
-
-/// A `curl` request to `site`'s peer listener, verifying it against the federation CA under
-/// the site's name and presenting `client_cert` (a `.pem` with its `.key` beside it). Returns
-/// the run and the HTTP status (`000`: no HTTP answer).
-fn curl_peer_link(fed: &Federation, site: &str, client_cert: Option<&Path>) -> (Curl, String) {
-    let port = fed.client_port(site) + 1;
-    let mut args = vec![
-        "--cacert".to_owned(),
-        fed.fed_dir().join("ca.pem").display().to_string(),
-        "--resolve".to_owned(),
-        format!("{site}:{port}:127.0.0.1"),
-        "-o".to_owned(),
-        "/dev/null".to_owned(),
-        "-w".to_owned(),
-        "%{http_code}".to_owned(),
-    ];
-    if let Some(cert) = client_cert {
-        args.extend([
-            "--cert".to_owned(),
-            cert.display().to_string(),
-            "--key".to_owned(),
-            cert.with_extension("key").display().to_string(),
-        ]);
-    }
-    args.push(format!("https://{site}:{port}/healthz"));
-    let run = curl(&args);
-    let code = run.stdout.trim().to_owned();
-    (run, code)
-}
-
-/// Sends `bytes` to `port` and returns what came back before the connection closed (or 5 s
-/// passed without a byte).
-fn raw_exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the listener");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set a read timeout");
-    stream.write_all(bytes).expect("send the bytes");
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-    }
-    answer
-}
-
-const PLAIN_HTTP_REQUEST: &[u8] =
-    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
 
 /// A TLS ClientHello record offering `version` (0x0302 = TLS 1.1, 0x0303 = TLS 1.2) and
 /// nothing newer: ECDHE-ECDSA/RSA AES-GCM suites, the usual groups and signature schemes,
@@ -435,7 +266,8 @@ async fn no_endpoint_or_parameter_lets_one_user_see_anothers_task() {
     let bob_ids = [bob1_task.clone(), bob2_task.clone()];
 
     let alice = site1.login("alice").await;
-    extend_multisite(&site1, &alice, "site2")
+    site1
+        .extend_multisite(&alice, "site2")
         .await
         .expect(200, None);
     let bob = site1.login("bob").await;
@@ -464,7 +296,7 @@ async fn no_endpoint_or_parameter_lets_one_user_see_anothers_task() {
     r.expect(404, Some("NotFound"));
     assert!(r.header("X-VCAV-Auth").is_none(), "{r:?}");
     // Now bob's own extension; it is bob's session at site2.
-    let r = extend_multisite(&site1, &bob, "site2").await;
+    let r = site1.extend_multisite(&bob, "site2").await;
     let details = r.expect(200, None);
     assert_eq!(details["user"], json!("bob"), "{details}");
     assert_eq!(authenticated_sites(details), ["site1", "site2"]);
@@ -708,7 +540,8 @@ async fn logout_takes_effect_at_once_here_and_at_the_peer() {
 
     let bob = site1.login("bob").await;
     let other = site1.login("bob").await;
-    extend_multisite(&site1, &bob, "site2")
+    site1
+        .extend_multisite(&bob, "site2")
         .await
         .expect(200, None);
     site1.get(&path, Some(&bob)).await.expect(200, None);
@@ -754,7 +587,8 @@ async fn logout_takes_effect_at_once_here_and_at_the_peer() {
 
     // A new login and extension work as before.
     let again = site1.login("bob").await;
-    extend_multisite(&site1, &again, "site2")
+    site1
+        .extend_multisite(&again, "site2")
         .await
         .expect(200, None);
     site1.get(&path, Some(&again)).await.expect(200, None);
@@ -763,15 +597,15 @@ async fn logout_takes_effect_at_once_here_and_at_the_peer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_old_sessions_are_refused() {
     let fed = Federation::init(&["site1"]);
-    let site = start_with_env(
-        &fed,
-        "site1",
-        &[
-            ("SITEGATE_AUTH__SESSION_IDLE_TIMEOUT_SECS", "2"),
-            ("SITEGATE_AUTH__SESSION_MAX_AGE_SECS", "5"),
-        ],
-    )
-    .await;
+    let site = fed
+        .start_with_env(
+            "site1",
+            &[
+                ("SITEGATE_AUTH__SESSION_IDLE_TIMEOUT_SECS", "2"),
+                ("SITEGATE_AUTH__SESSION_MAX_AGE_SECS", "5"),
+            ],
+        )
+        .await;
 
     // Idle: unused for longer than the idle timeout. (The sleep is the behaviour under test:
     // the session must not be used while it runs.)
@@ -788,7 +622,7 @@ async fn idle_and_old_sessions_are_refused() {
             // ...while the unused one has ended.
             let r = site.get("/sessions", Some(&idle)).await;
             r.expect(401, Some("NotAuthenticated"));
-            assert!(msg(&r).contains("expired"), "{r:?}");
+            assert!(r.msg().contains("expired"), "{r:?}");
             // It is gone, not only refused.
             let r = site.get("/sessions", Some(&idle)).await;
             r.expect(401, Some("NotAuthenticated"));
@@ -807,7 +641,7 @@ async fn idle_and_old_sessions_are_refused() {
     // ...but not its maximum age.
     let (r, age) = ended;
     r.expect(401, Some("NotAuthenticated"));
-    assert!(msg(&r).contains("expired"), "{r:?}");
+    assert!(r.msg().contains("expired"), "{r:?}");
     assert!(
         age >= Duration::from_millis(4500),
         "the session ended after only {age:?}, before its maximum age of 5 s"
@@ -905,17 +739,6 @@ async fn tokens_carry_at_least_128_random_bits() {
 // 3. Login throttling
 // ---------------------------------------------------------------------------------------------
 
-/// A client that connects from `local` (any 127.0.0.0/8 address is the loopback device).
-fn client_from(local: &str) -> reqwest::Client {
-    let ip: IpAddr = local.parse().expect("a loopback address");
-    reqwest::Client::builder()
-        .no_proxy()
-        .local_address(ip)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
-}
-
 async fn login_from(client: &reqwest::Client, site: &Site, user: &str, password: &str) -> Reply {
     support::send(
         client
@@ -931,7 +754,7 @@ fn assert_throttled(r: &Reply, max_secs: u64) -> u64 {
     r.expect(429, Some("NotAuthenticated"));
     let secs = retry_after(r);
     assert!((1..=max_secs).contains(&secs), "Retry-After {secs}: {r:?}");
-    let m = msg(r);
+    let m = r.msg();
     assert!(
         m.contains("Too many failed logins") && m.contains(&format!("{secs} seconds")),
         "{r:?}"
@@ -954,8 +777,8 @@ async fn repeated_failed_logins_are_throttled_per_user_and_per_address() {
     env1.push(("SITEGATE_AUTH__LOGIN_FAILURES_PER_ADDRESS", "0"));
     let mut env2 = throttle.to_vec();
     env2.push(("SITEGATE_AUTH__LOGIN_FAILURES_PER_ADDRESS", "4"));
-    let site1 = start_with_env(&fed, "site1", &env1).await;
-    let site2 = start_with_env(&fed, "site2", &env2).await;
+    let site1 = fed.start_with_env("site1", &env1).await;
+    let site2 = fed.start_with_env("site2", &env2).await;
     let from_a = client_from("127.0.0.21");
     let from_b = client_from("127.0.0.22");
     let wrong = "not-the-password";
@@ -1228,9 +1051,10 @@ async fn the_client_api_serves_https_with_tls_1_2_or_newer_only() {
     assert!(r.exit != Some(0), "{r:?}");
 
     // TLS 1.2 by hand: the listener answers with a handshake record (ServerHello, TLS 1.2).
-    let answer = tokio::task::spawn_blocking(move || raw_exchange(port, &client_hello(0x0303)))
-        .await
-        .expect("TLS 1.2 hello");
+    let answer =
+        tokio::task::spawn_blocking(move || exchange_until_close(port, &client_hello(0x0303)))
+            .await
+            .expect("TLS 1.2 hello");
     assert!(
         answer.len() > 11
             && answer[0] == 0x16
@@ -1239,9 +1063,10 @@ async fn the_client_api_serves_https_with_tls_1_2_or_newer_only() {
         "a TLS 1.2 ClientHello should get a TLS 1.2 ServerHello: {answer:02x?}"
     );
     // The same hello offering TLS 1.1: a fatal protocol_version alert, no ServerHello.
-    let answer = tokio::task::spawn_blocking(move || raw_exchange(port, &client_hello(0x0302)))
-        .await
-        .expect("TLS 1.1 hello");
+    let answer =
+        tokio::task::spawn_blocking(move || exchange_until_close(port, &client_hello(0x0302)))
+            .await
+            .expect("TLS 1.1 hello");
     assert!(
         answer.len() >= 7 && answer[0] == 0x15 && answer[5] == 0x02 && answer[6] == 70,
         "a TLS 1.1 ClientHello should get a fatal protocol_version alert: {answer:02x?}"
@@ -1261,9 +1086,10 @@ async fn the_client_api_serves_https_with_tls_1_2_or_newer_only() {
     ));
     assert!(r.exit != Some(0) && r.stdout.is_empty(), "{r:?}");
     // Plain HTTP gets no HTTP answer.
-    let answer = tokio::task::spawn_blocking(move || raw_exchange(port, PLAIN_HTTP_REQUEST))
-        .await
-        .expect("plain HTTP exchange");
+    let answer =
+        tokio::task::spawn_blocking(move || exchange_until_close(port, raw::PLAIN_HTTP_REQUEST))
+            .await
+            .expect("plain HTTP exchange");
     let text = String::from_utf8_lossy(&answer);
     assert!(
         !text.contains("HTTP/"),
@@ -1311,25 +1137,29 @@ async fn the_peer_link_refuses_expired_and_misnamed_certificates_and_idle_connec
     let certs = fed.dir.path().join("extra-certs");
     let expired = pki.issue(&certs, "site2-expired", &["site2"], &[], (-30, -1));
     let fresh = pki.issue(&certs, "site2-fresh", &["site2"], &[], (-1, 30));
-    let site1 = start_with_env(
-        &fed,
-        "site1",
-        &[("SITEGATE_LIMITS__HEADER_READ_TIMEOUT_SECS", "1")],
-    )
-    .await;
+    let site1 = fed
+        .start_with_env(
+            "site1",
+            &[("SITEGATE_LIMITS__HEADER_READ_TIMEOUT_SECS", "1")],
+        )
+        .await;
 
     // A client presenting an expired certificate from the federation CA, naming a configured
     // peer, is refused during the handshake; the same with a valid one is served (control).
-    let (run, code) = curl_peer_link(&fed, "site1", Some(&fresh));
-    assert_eq!((run.exit, code.as_str()), (Some(0), "200"), "{run:?}");
-    let (run, code) = curl_peer_link(&fed, "site1", Some(&expired));
-    assert!(run.exit != Some(0) && code == "000", "{run:?}");
+    let run = curl_peer_link(&fed, "site1", Some(&fresh), "/healthz", None);
+    assert_eq!(
+        (run.exit, run.http_code.as_str()),
+        (Some(0), "200"),
+        "{run:?}"
+    );
+    let run = curl_peer_link(&fed, "site1", Some(&expired), "/healthz", None);
+    assert!(run.exit != Some(0) && run.http_code == "000", "{run:?}");
 
     // A TCP connection that never starts a handshake is closed (here after the 1 s head
     // timeout), so it cannot hold a connection slot.
-    let port = fed.client_port("site1") + 1;
+    let port = fed.peer_port("site1");
     let started = Instant::now();
-    let answer = tokio::task::spawn_blocking(move || raw_exchange(port, b""))
+    let answer = tokio::task::spawn_blocking(move || exchange_until_close(port, b""))
         .await
         .expect("idle exchange");
     assert!(answer.is_empty(), "{answer:02x?}");
@@ -1340,22 +1170,22 @@ async fn the_peer_link_refuses_expired_and_misnamed_certificates_and_idle_connec
     );
 
     // A peer serving an expired certificate is refused by the site calling it.
-    let site2 = start_with_env(
-        &fed,
-        "site2",
-        &[
-            ("SITEGATE_TLS__CERT", &expired.display().to_string()),
-            (
-                "SITEGATE_TLS__KEY",
-                &expired.with_extension("key").display().to_string(),
-            ),
-        ],
-    )
-    .await;
+    let site2 = fed
+        .start_with_env(
+            "site2",
+            &[
+                ("SITEGATE_TLS__CERT", &expired.display().to_string()),
+                (
+                    "SITEGATE_TLS__KEY",
+                    &expired.with_extension("key").display().to_string(),
+                ),
+            ],
+        )
+        .await;
     let alice1 = site1.login("alice").await;
-    let r = extend_multisite(&site1, &alice1, "site2").await;
+    let r = site1.extend_multisite(&alice1, "site2").await;
     r.expect(401, Some("RemoteAuthenticationFailure"));
-    let m = msg(&r);
+    let m = r.msg();
     assert!(
         m.contains("site2") && m.contains("TLS handshake") && m.contains("certificate"),
         "{r:?}"
@@ -1373,8 +1203,8 @@ async fn the_peer_link_refuses_expired_and_misnamed_certificates_and_idle_connec
     let config = fed.config_path("site1");
     let text = std::fs::read_to_string(&config).expect("site1's config");
     let (site2_link, site3_link) = (
-        format!("127.0.0.1:{}", fed.client_port("site2") + 1),
-        format!("127.0.0.1:{}", fed.client_port("site3") + 1),
+        format!("127.0.0.1:{}", fed.peer_port("site2")),
+        format!("127.0.0.1:{}", fed.peer_port("site3")),
     );
     assert!(text.contains(&site2_link), "{text}");
     std::fs::write(&config, text.replace(&site2_link, &site3_link))
@@ -1382,15 +1212,16 @@ async fn the_peer_link_refuses_expired_and_misnamed_certificates_and_idle_connec
     let site1 = fed.start("site1").await;
     let site3 = fed.start("site3").await;
     let alice1 = site1.login("alice").await;
-    let r = extend_multisite(&site1, &alice1, "site2").await;
+    let r = site1.extend_multisite(&alice1, "site2").await;
     r.expect(401, Some("RemoteAuthenticationFailure"));
-    let m = msg(&r);
+    let m = r.msg();
     assert!(
         m.contains("site2") && m.contains("TLS handshake") && m.contains("certificate"),
         "{r:?}"
     );
     // Control: the same process reaches the real site3 under its own name.
-    extend_multisite(&site1, &alice1, "site3")
+    site1
+        .extend_multisite(&alice1, "site3")
         .await
         .expect(200, None);
     // site3 never answered the request meant for site2.
@@ -1427,13 +1258,9 @@ fn token_shaped(log: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs() {
-    let pg = tokio::task::spawn_blocking(sitegate_testkit::PgCluster::start)
-        .await
-        .expect("start PostgreSQL");
+    let (_pg, url) = support::postgres_database().await;
     let pg_password = "Pg-S3cret-9f2c";
-    let url = pg
-        .create_database()
-        .replacen("postgres@", &format!("postgres:{pg_password}@"), 1);
+    let url = url.replacen("postgres@", &format!("postgres:{pg_password}@"), 1);
     assert!(url.contains(pg_password), "{url}");
     let fed = Federation::init(&["site1", "site2"]);
     // Debug level everywhere: even what an operator turns on to investigate must not leak.
@@ -1446,8 +1273,8 @@ async fn secrets_never_reach_the_logs() {
         ("SITEGATE_STORE__BACKEND", "postgres"),
         ("SITEGATE_STORE__URL", url.as_str()),
     ]);
-    let site1 = start_with_env(&fed, "site1", &env1).await;
-    let site2 = start_with_env(&fed, "site2", &debug).await;
+    let site1 = fed.start_with_env("site1", &env1).await;
+    let site2 = fed.start_with_env("site2", &debug).await;
     let wrong = "Wr0ng-Passw0rd-7731";
 
     // Everything that carries a secret: logins (right and wrong), both kinds of extension,
@@ -1469,7 +1296,8 @@ async fn secrets_never_reach_the_logs() {
         .await
         .expect(401, Some("NotAuthenticated"));
     let alice = tokens[0].clone();
-    extend_multisite(&site1, &alice, "site2")
+    site1
+        .extend_multisite(&alice, "site2")
         .await
         .expect(200, None);
     let bob = tokens[2].clone();
@@ -1612,24 +1440,17 @@ fn peer_call(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> (String, String) {
-    let port = fed.client_port(site) + 1;
+    let port = fed.peer_port(site);
     let cert = fed.fed_dir().join(format!("{as_site}.pem"));
-    let mut args = vec![
-        "--cacert".to_owned(),
-        fed.fed_dir().join("ca.pem").display().to_string(),
-        "--resolve".to_owned(),
-        format!("{site}:{port}:127.0.0.1"),
-        "--cert".to_owned(),
-        cert.display().to_string(),
-        "--key".to_owned(),
-        cert.with_extension("key").display().to_string(),
+    let mut args = peer_link_args(fed, site, Some(&cert));
+    args.extend([
         "-X".to_owned(),
         method.to_owned(),
         "-w".to_owned(),
         "\n%{http_code}".to_owned(),
         "-D".to_owned(),
         "-".to_owned(),
-    ];
+    ]);
     if let Some(t) = token {
         args.extend(["-H".to_owned(), format!("X-VCAV-Auth: {t}")]);
     }
@@ -1779,16 +1600,12 @@ async fn certificate_reloads_that_peers_would_refuse_are_refused() {
         .await;
         // Each refusal counted (this one is the (n+1)th).
         support::wait_for("the refusal counted", Duration::from_secs(10), || async {
-            let metrics = site1.get("/metrics", None).await.text;
-            let refused = metrics
-                .lines()
-                .find(|l| {
-                    l.starts_with("sitegate_certificate_reloads_total")
-                        && l.contains("outcome=\"refused\"")
-                        && l.contains("peer link")
-                })
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
+            let refused = site1
+                .metric(
+                    "sitegate_certificate_reloads_total",
+                    &[("listener", "peer link"), ("outcome", "refused")],
+                )
+                .await
                 .unwrap_or(0.0);
             (refused >= (n + 1) as f64).then_some(())
         })

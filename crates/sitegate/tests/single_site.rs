@@ -2,14 +2,13 @@
 //! task-writer API, sites, operations endpoints and the request-wide behaviour (operation IDs,
 //! media types, body limits) as API.md describes them.
 
-mod support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{assert_envelope, id_of, int, new_task, Federation, Site, PASSWORD};
+use sitegate_testkit::site as support;
+use support::{assert_envelope, id_of, int, is_uuid, new_task, Federation, Site, PASSWORD};
 
 const VENDOR: &str = "application/vnd.vmware.h4-v4+json";
 /// What the original answers the vendor type with: the type and its charset.
@@ -30,10 +29,6 @@ fn items(v: &Value) -> Vec<Value> {
 
 fn ids(list: &[Value]) -> Vec<String> {
     list.iter().map(id_of).collect()
-}
-
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36 && uuid::Uuid::try_parse(s).is_ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -875,13 +870,6 @@ async fn task_list_filters_sorting_and_paging() {
     check("?site=site1".into(), admin.clone(), all.clone()).await;
 }
 
-async fn current(site: &Site, id: &str, admin: &str) -> Value {
-    site.get(&format!("/tasks/{id}"), Some(admin))
-        .await
-        .expect(200, None)
-        .clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_returns_visible_tasks_in_the_order_asked() {
     let (_fed, site) = site1().await;
@@ -952,8 +940,8 @@ async fn poll_returns_visible_tasks_in_the_order_asked() {
     assert_eq!(
         rows,
         vec![
-            current(&site, &id_of(&a2), &admin).await,
-            current(&site, &id_of(&a1), &admin).await,
+            site.task(&id_of(&a2), &admin).await,
+            site.task(&id_of(&a1), &admin).await,
         ],
         "alice sees her two tasks, in the order asked"
     );

@@ -12,8 +12,6 @@
 //! caches, which are bounded but large); reads go to the running tasks and the latest finished
 //! ones.
 
-mod support;
-
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use sitegate_testkit::site as support;
 use support::{id_of, new_task, Federation};
 
 /// How long the traffic runs unless `SITEGATE_SOAK_SECS` says otherwise.
@@ -328,11 +327,7 @@ async fn mixed_traffic_for_a_while_grows_neither_memory_nor_descriptors() {
     tokio::join!(site1.start(), site2.start());
     let alice = site1.login("alice").await;
     site1
-        .post(
-            "/sessions/extend",
-            Some(&alice),
-            &json!({"type": "multisite", "site": "site2"}),
-        )
+        .extend_multisite(&alice, "site2")
         .await
         .expect(200, None);
     let soak = Arc::new(Soak {

@@ -11,8 +11,6 @@
 //! Prometheus text with request, store, peer and session metrics that move as requests are
 //! made.
 
-mod support;
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +36,9 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{send, wait_for, Federation, Reply, Site};
+use sitegate_testkit::prometheus::{metric, Sample};
+use sitegate_testkit::site as support;
+use support::{env_vars, json_lines, send, wait_for, Federation, Reply, Site};
 
 /// How long spans may take to reach a receiver (the batch delay is 0.5 s).
 const SPAN_DEADLINE: Duration = Duration::from_secs(20);
@@ -294,12 +294,6 @@ async fn silent_collector() -> (u16, tokio::task::JoinHandle<()>) {
     .await
 }
 
-/// A port on 127.0.0.1 where nothing listens (it was free a moment ago).
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
 // ---------------------------------------------------------------------------------------------
 // A two-site federation with a task at site2 that alice reads from site1
 // ---------------------------------------------------------------------------------------------
@@ -315,21 +309,14 @@ struct Pair {
     _fed: Federation,
 }
 
-fn env_of(pairs: &[(&str, String)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect()
-}
-
 /// Starts site1 and site2 with the given extra environment, creates a task for alice at
 /// site2 (as svc), logs alice in at site1 and extends her session to site2.
 async fn pair(env1: &[(&str, String)], env2: &[(&str, String)]) -> Pair {
     let fed = Federation::init(&["site1", "site2"]);
     let mut site1 = fed.site("site1");
     let mut site2 = fed.site("site2");
-    site1.env = env_of(env1);
-    site2.env = env_of(env2);
+    site1.env = env_vars(env1);
+    site2.env = env_vars(env2);
     tokio::join!(site1.start(), site2.start());
     let svc = site2.login("svc").await;
     let task = site2
@@ -341,11 +328,7 @@ async fn pair(env1: &[(&str, String)], env2: &[(&str, String)]) -> Pair {
     let task_id = support::id_of(&task);
     let alice = site1.login("alice").await;
     site1
-        .post(
-            "/sessions/extend",
-            Some(&alice),
-            &json!({"type": "multisite", "site": "site2"}),
-        )
+        .extend_multisite(&alice, "site2")
         .await
         .expect(200, None);
     Pair {
@@ -631,7 +614,7 @@ async fn queued_spans_are_flushed_on_sigterm() {
 /// (site2: accepts, then silence, over gRPC) neither fails nor slows requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_collector_does_not_slow_requests() {
-    let closed = closed_port();
+    let closed = support::free_base_port(1);
     let (silent, _silent_task) = silent_collector().await;
     let p = pair(
         &[
@@ -748,15 +731,6 @@ async fn a_silent_collector_does_not_hold_up_a_graceful_stop() {
 // Logs
 // ---------------------------------------------------------------------------------------------
 
-/// The JSON log lines of `site` (lines that are not JSON are left out).
-fn json_lines(site: &Site) -> Vec<Value> {
-    site.stderr()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(Value::is_object)
-        .collect()
-}
-
 fn access_line<'a>(lines: &'a [Value], op: &str) -> Option<&'a Value> {
     lines
         .iter()
@@ -777,7 +751,7 @@ async fn json_log_lines_carry_operation_and_trace_ids_on_both_sites() {
     for site in [&p.site1, &p.site2] {
         let what = format!("the access-log line of {op_text} at {}", site.name);
         wait_for(&what, LOG_DEADLINE, || {
-            let found = access_line(&json_lines(site), &op_text).is_some();
+            let found = access_line(&json_lines(&site.stderr()), &op_text).is_some();
             async move { found.then_some(()) }
         })
         .await;
@@ -813,7 +787,7 @@ async fn json_log_lines_carry_operation_and_trace_ids_on_both_sites() {
             );
         }
 
-        let lines = json_lines(site);
+        let lines = json_lines(&site.stderr());
         let accesses: Vec<&Value> = lines
             .iter()
             .filter(|l| {
@@ -843,223 +817,8 @@ async fn json_log_lines_carry_operation_and_trace_ids_on_both_sites() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Metrics
+// Metrics (parsed, strictly, by `sitegate_testkit::prometheus`)
 // ---------------------------------------------------------------------------------------------
-
-/// One sample of a Prometheus text exposition.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-fn is_metric_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-fn is_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn parse_float(text: &str) -> Option<f64> {
-    match text {
-        "+Inf" | "Inf" => Some(f64::INFINITY),
-        "-Inf" => Some(f64::NEG_INFINITY),
-        "NaN" => Some(f64::NAN),
-        _ => text.parse().ok(),
-    }
-}
-
-/// Parses one sample line: `name{label="value",...} value [timestamp]`.
-fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line
-        .find(|c: char| c == '{' || c.is_whitespace())
-        .ok_or("no value")?;
-    let name = &line[..name_end];
-    if !is_metric_name(name) {
-        return Err(format!("bad metric name {name:?}"));
-    }
-    let mut rest = &line[name_end..];
-    let mut labels = Vec::new();
-    if let Some(after) = rest.strip_prefix('{') {
-        let mut chars = after.char_indices().peekable();
-        loop {
-            while chars.peek().is_some_and(|(_, c)| c.is_whitespace()) {
-                chars.next();
-            }
-            let Some(&(start, c)) = chars.peek() else {
-                return Err("unterminated label set".into());
-            };
-            if c == '}' {
-                chars.next();
-                rest = &after[start + 1..];
-                break;
-            }
-            let mut key_end = start;
-            while let Some(&(i, c)) = chars.peek() {
-                if c == '=' {
-                    key_end = i;
-                    break;
-                }
-                chars.next();
-            }
-            let key = after[start..key_end].trim();
-            if !is_label_name(key) {
-                return Err(format!("bad label name {key:?}"));
-            }
-            chars.next(); // '='
-            if chars.next().map(|(_, c)| c) != Some('"') {
-                return Err(format!("label {key} has no quoted value"));
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next() {
-                    None => return Err("unterminated label value".into()),
-                    Some((_, '"')) => break,
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, 'n')) => value.push('\n'),
-                        Some((_, '\\')) => value.push('\\'),
-                        Some((_, '"')) => value.push('"'),
-                        other => return Err(format!("bad escape {other:?}")),
-                    },
-                    Some((_, c)) => value.push(c),
-                }
-            }
-            labels.push((key.to_owned(), value));
-            while chars.peek().is_some_and(|(_, c)| c.is_whitespace()) {
-                chars.next();
-            }
-            match chars.peek() {
-                Some((_, ',')) => {
-                    chars.next();
-                }
-                Some((_, '}')) => {}
-                other => return Err(format!("expected , or }} after a label, got {other:?}")),
-            }
-        }
-    }
-    let mut fields = rest.split_whitespace();
-    let value = fields.next().ok_or("no value")?;
-    let value = parse_float(value).ok_or_else(|| format!("bad value {value:?}"))?;
-    if let Some(timestamp) = fields.next() {
-        timestamp
-            .parse::<i64>()
-            .map_err(|_| format!("bad timestamp {timestamp:?}"))?;
-    }
-    if fields.next().is_some() {
-        return Err("trailing text".into());
-    }
-    Ok(Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-    })
-}
-
-/// Parses a whole exposition, panicking on the first line that is not valid.
-fn parse_prometheus(text: &str) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim_end();
-        if line.trim().is_empty() {
-            continue;
-        }
-        if let Some(comment) = line.strip_prefix('#') {
-            let words: Vec<&str> = comment.split_whitespace().collect();
-            match words.first() {
-                Some(&"TYPE") => {
-                    assert!(
-                        words.len() == 3
-                            && is_metric_name(words[1])
-                            && ["counter", "gauge", "histogram", "summary", "untyped"]
-                                .contains(&words[2]),
-                        "line {}: bad TYPE comment: {line}",
-                        n + 1
-                    );
-                }
-                Some(&"HELP") => {
-                    assert!(
-                        words.len() >= 2 && is_metric_name(words[1]),
-                        "line {}: bad HELP comment: {line}",
-                        n + 1
-                    );
-                }
-                _ => {}
-            }
-            continue;
-        }
-        match parse_sample(line) {
-            Ok(sample) => samples.push(sample),
-            Err(e) => panic!("line {}: {e}: {line}", n + 1),
-        }
-    }
-    samples
-}
-
-/// The sum of the samples named `name` whose labels include all of `labels`; `None` when
-/// there is none.
-fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let matching: Vec<f64> = samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            labels
-                .iter()
-                .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|s| s.value)
-        .collect();
-    (!matching.is_empty()).then(|| matching.iter().sum())
-}
-
-async fn scrape(site: &Site) -> Vec<Sample> {
-    let reply = site.get("/metrics", None).await;
-    assert_eq!(reply.status, 200, "{}: /metrics: {reply:?}", site.name);
-    let content_type = reply.header("content-type").unwrap_or_default();
-    assert!(
-        content_type.starts_with("text/plain"),
-        "{}: /metrics content type {content_type}",
-        site.name
-    );
-    let samples = parse_prometheus(&reply.text);
-    assert!(!samples.is_empty(), "{}: empty /metrics", site.name);
-    samples
-}
-
-#[test]
-fn the_prometheus_parser_accepts_and_refuses() {
-    let good =
-        "# HELP a_total Things.\n# TYPE a_total counter\na_total{x=\"1\",y=\"q\\\"\\\\\\n\"} 3\n\
-                b 1.5e3 1700000000000\nc{} +Inf\nd{le=\"0.5\",} NaN\n";
-    let samples = parse_prometheus(good);
-    assert_eq!(samples.len(), 4);
-    assert_eq!(
-        samples[0].labels,
-        [("x".into(), "1".into()), ("y".into(), "q\"\\\n".into())]
-    );
-    assert_eq!(samples[1].value, 1500.0);
-    assert_eq!(metric(&samples, "a_total", &[("x", "1")]), Some(3.0));
-    assert_eq!(metric(&samples, "a_total", &[("x", "2")]), None);
-    for bad in [
-        "1abc 1",
-        "a{x=1} 1",
-        "a{x=\"1\" 1",
-        "a one",
-        "a 1 2 3",
-        "a{x-y=\"1\"} 1",
-    ] {
-        assert!(parse_sample(bad).is_err(), "{bad}");
-    }
-}
 
 /// `/metrics` is valid Prometheus text, and its request, store, peer and session metrics follow
 /// the requests made.
@@ -1076,14 +835,14 @@ async fn metrics_follow_requests_on_both_sites() {
     ];
     let count =
         |samples: &[Sample]| metric(samples, "sitegate_requests_total", &route).unwrap_or_default();
-    let before1 = count(&scrape(&p.site1).await);
-    let before2 = count(&scrape(&p.site2).await);
+    let before1 = count(&p.site1.scrape().await);
+    let before2 = count(&p.site2.scrape().await);
     const N: usize = 7;
     for _ in 0..N {
         p.remote_get(&[]).await;
     }
-    let site1 = scrape(&p.site1).await;
-    let site2 = scrape(&p.site2).await;
+    let site1 = p.site1.scrape().await;
+    let site2 = p.site2.scrape().await;
 
     for (name, samples, before) in [("site1", &site1, before1), ("site2", &site2, before2)] {
         assert_eq!(

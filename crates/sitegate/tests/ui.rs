@@ -9,8 +9,6 @@
 
 #![cfg(unix)]
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -19,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::*;
+use sitegate_testkit::site::*;
 
 /// How long the page may take to show something the test is waiting for.
 const UI_DEADLINE: Duration = Duration::from_secs(20);

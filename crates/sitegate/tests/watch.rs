@@ -3,12 +3,10 @@
 //! identical waiters share one held peer request; the `/events` stream sends each change
 //! until the task is final, then ends.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::*;
+use sitegate_testkit::site::*;
 
 async fn patch_later(site_url: String, token: String, id: String, delay: Duration, body: Value) {
     tokio::time::sleep(delay).await;
@@ -113,11 +111,7 @@ async fn remote_waiters_share_held_peer_requests_and_events_stream_to_the_end() 
     let svc2 = site2.login("svc").await;
     let alice = site1.login("alice").await;
     site1
-        .post(
-            "/sessions/extend",
-            Some(&alice),
-            &json!({"type": "multisite", "site": "site2"}),
-        )
+        .extend_multisite(&alice, "site2")
         .await
         .expect(200, None);
     let task = site2
@@ -126,22 +120,13 @@ async fn remote_waiters_share_held_peer_requests_and_events_stream_to_the_end() 
     let id = id_of(&task);
     let seen = int(&task, "lastUpdated");
     let reads_at_site2 = || async {
-        let text = http_client()
-            .get(format!("{}/metrics", base(&site2)))
-            .send()
+        site2
+            .metric(
+                "sitegate_requests_total",
+                &[("route", "/tasks/{task_id}"), ("method", "GET")],
+            )
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .filter(|l| {
-                l.starts_with("sitegate_requests_total")
-                    && l.contains("route=\"/tasks/{task_id}\"")
-                    && l.contains("method=\"GET\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+            .unwrap_or(0.0)
     };
     let before = reads_at_site2().await;
 

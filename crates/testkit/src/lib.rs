@@ -1,13 +1,36 @@
-//! `sitegate-testkit` is test support, used only as a dev-dependency: it starts real
-//! PostgreSQL clusters for tests (no mocks) and finds free loopback ports.
+//! `sitegate-testkit` is the one test harness of the workspace, used only as a
+//! dev-dependency and compiled once for every integration-test binary: it starts real
+//! `sitegate` processes and talks to them over HTTP and raw sockets, starts real PostgreSQL
+//! clusters, and finds free loopback ports.
 //!
-//! It is not a mock or fake of anything: [`PgCluster`] runs the machine's own PostgreSQL
-//! server binaries (`initdb`, `pg_ctl`) in a temporary directory, as the `postgres` user when
-//! the tests run as root (PostgreSQL refuses to run as root), and stops it on drop.
+//! It is not a mock or fake of anything, and not shipped: every test runs the real binary
+//! (found beside the test binary, see [`site::bin`]) and the machine's own tools. [`PgCluster`]
+//! runs the machine's PostgreSQL server binaries (`initdb`, `pg_ctl`) in a temporary
+//! directory, as the `postgres` user when the tests run as root (PostgreSQL refuses to run as
+//! root), and stops it on drop. It holds no test cases of the product: those are in each
+//! crate's `tests/`.
 //!
-//! Modules: everything is in this file: [`free_port`], [`free_port_range`], [`PgCluster`].
+//! Modules:
+//! - [`site`]: the federation harness: `sitegate init` into a temporary directory
+//!   ([`site::Federation`]), `sitegate serve` processes ([`site::Site`]) with JSON calls
+//!   answering a [`site::Reply`], other child processes ([`site::Proc`], HAProxy), polling
+//!   with a deadline ([`site::wait_for`]), task bodies ([`site::new_task`]), JSON log lines, a
+//!   federation on PostgreSQL;
+//! - [`raw`]: HTTP/1.1 byte for byte over a plain socket, and bytes that are not HTTP;
+//! - [`curl`]: the `curl` tool as a second TLS client;
+//! - [`prometheus`]: a strict parser of `/metrics` text;
+//! - [`acked_writes`]: writers that record what the server acknowledged, a `kill -9` while
+//!   they write, and the check that nothing acknowledged was lost;
+//! - this file: [`free_port`] (one port; a run of consecutive ports that no other test of the
+//!   process is handed is [`site::free_base_port`]), [`pg_bindir`], [`PgCluster`].
 
 #![allow(clippy::unwrap_used)]
+
+pub mod acked_writes;
+pub mod curl;
+pub mod prometheus;
+pub mod raw;
+pub mod site;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -21,21 +44,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("the OS has a free loopback port")
-}
-
-/// A base port `p` such that `p..p+count` were all free on 127.0.0.1 a moment ago.
-pub fn free_port_range(count: u16) -> u16 {
-    for _ in 0..200 {
-        let base = free_port();
-        if base.checked_add(count).is_none() {
-            continue;
-        }
-        let all_free = (base..base + count).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
-        if all_free {
-            return base;
-        }
-    }
-    panic!("no range of {count} free loopback ports found");
 }
 
 /// Where the machine's PostgreSQL server binaries are.

@@ -1,24 +1,34 @@
-//! Shared harness of the integration tests: real `sitegate` processes on ports the OS says are
-//! free, talked to over HTTP. Nothing here sleeps for a fixed time to wait for readiness:
+//! The harness of sitegate's integration tests: real `sitegate` processes on ports the OS says
+//! are free, talked to over HTTP. Nothing here sleeps for a fixed time to wait for readiness:
 //! every wait polls a condition against a deadline.
-
-#![allow(dead_code)]
-
-pub mod raw;
+//!
+//! [`Federation`] runs `sitegate init` into a temporary directory; [`Site`] is one
+//! `sitegate serve` process of it, with JSON calls that answer a [`Reply`]; [`Proc`] is any
+//! other child process (HAProxy, a second `serve`). The rest are the small helpers several test
+//! files share: task bodies and fields, session extensions, JSON log lines, HAProxy, a site on
+//! PostgreSQL.
+//!
+//! Everything here runs inside the test's tokio runtime; the helpers that block a thread for a
+//! moment (a `sitegate init` run, starting PostgreSQL) need the multi-threaded one
+//! (`#[tokio::test(flavor = "multi_thread")]`), as the tests that use them have.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderMap;
 use reqwest::Method;
 use serde_json::{json, Value};
+
+use crate::prometheus::{self, Sample};
+use crate::PgCluster;
 
 /// The password `init` gives every user in these tests.
 pub const PASSWORD: &str = "test-Passw0rd";
@@ -30,9 +40,49 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(15);
 /// The interval at which conditions are re-checked while waiting.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-/// The binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_sitegate")
+/// How long a `sitegate init|pki`, `curl` or `haproxy -c` run may take.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The binary under test: the file `SITEGATE_BIN` names when it is set, else the `sitegate`
+/// that cargo builds for the integration tests, found from the running test binary
+/// (`<target>/<profile>/deps/<test>-<hash>`) as `<target>/<profile>/sitegate`. A library
+/// cannot use `env!("CARGO_BIN_EXE_sitegate")`, which cargo sets for integration tests only.
+/// Panics, saying where it looked, when there is no such file.
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("SITEGATE_BIN").filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "SITEGATE_BIN is set to {}, which is not a file",
+                path.display()
+            );
+            return path;
+        }
+        let test_binary = std::env::current_exe().expect("the path of the running test binary");
+        let path = bin_beside(&test_binary);
+        assert!(
+            path.is_file(),
+            "the sitegate binary is not at {} (looked beside the test binary {}): run the tests \
+             with `cargo test -p sitegate`, which builds it, or set SITEGATE_BIN to its path",
+            path.display(),
+            test_binary.display()
+        );
+        path
+    })
+}
+
+/// Where cargo puts the `sitegate` binary for a test binary at `test_binary`: one directory
+/// up from `deps/`, or beside it when it is not in `deps/`.
+fn bin_beside(test_binary: &Path) -> PathBuf {
+    let mut dir = test_binary.parent().unwrap_or(Path::new("."));
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let mut name = OsString::from("sitegate");
+    name.push(std::env::consts::EXE_SUFFIX);
+    dir.join(name)
 }
 
 /// A `sitegate` command with a clean environment for the things that would change its
@@ -138,6 +188,11 @@ pub struct Federation {
 impl Federation {
     /// Runs `sitegate init --dir <tmp>/fed --sites ... --base-port P --dev-password PASSWORD`.
     pub fn init(sites: &[&str]) -> Federation {
+        Federation::init_with(sites, &[])
+    }
+
+    /// [`Federation::init`] with more arguments for `sitegate init` (`--postgres <url>`).
+    pub fn init_with(sites: &[&str], extra_args: &[&str]) -> Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let base_port = free_base_port(2 * sites.len() as u16);
         let fed_dir = dir.path().join("fed");
@@ -150,11 +205,12 @@ impl Federation {
             .arg("--base-port")
             .arg(base_port.to_string())
             .arg("--dev-password")
-            .arg(PASSWORD);
-        let out = run_with_deadline(cmd, Duration::from_secs(60));
+            .arg(PASSWORD)
+            .args(extra_args);
+        let out = run_with_deadline(cmd, COMMAND_DEADLINE);
         assert!(
             out.status.success(),
-            "sitegate init failed ({}): {}",
+            "sitegate init {extra_args:?} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
@@ -187,6 +243,11 @@ impl Federation {
         self.base_port + 2 * self.index(site)
     }
 
+    /// The peer-link port of `site`: P + 2k + 1.
+    pub fn peer_port(&self, site: &str) -> u16 {
+        self.client_port(site) + 1
+    }
+
     /// A handle for `site`, not yet started.
     pub fn site(&self, site: &str) -> Site {
         Site::new(
@@ -197,12 +258,71 @@ impl Federation {
         )
     }
 
+    /// A handle for `site` with extra environment (`SITEGATE_<SECTION>__<KEY>` config
+    /// overrides), not yet started.
+    pub fn site_with_env<V: AsRef<str>>(&self, site: &str, env: &[(&str, V)]) -> Site {
+        let mut s = self.site(site);
+        s.env = env_vars(env);
+        s
+    }
+
     /// A handle for `site`, started and answering `/healthz`.
     pub async fn start(&self, site: &str) -> Site {
         let mut s = self.site(site);
         s.start().await;
         s
     }
+
+    /// [`Federation::site_with_env`], started and answering `/healthz`.
+    pub async fn start_with_env<V: AsRef<str>>(&self, site: &str, env: &[(&str, V)]) -> Site {
+        let mut s = self.site_with_env(site, env);
+        s.start().await;
+        s
+    }
+}
+
+/// Environment pairs as a [`Site`] holds them.
+pub fn env_vars<V: AsRef<str>>(pairs: &[(&str, V)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.as_ref().to_owned()))
+        .collect()
+}
+
+/// A fresh database on a PostgreSQL cluster of the test's own, and a federation that
+/// `sitegate init --postgres <url>` wrote for it: each site's store is a schema of that
+/// database. Fields drop in order: the federation's files go before the cluster stops.
+pub struct PostgresFederation {
+    pub fed: Federation,
+    /// The database's URL (superuser, trust authentication on loopback).
+    pub url: String,
+    pub pg: PgCluster,
+}
+
+/// Starts a PostgreSQL cluster and creates a database on it: the cluster and the database's
+/// URL. Blocks a runtime thread meanwhile (multi-threaded runtime only).
+pub async fn postgres_database() -> (PgCluster, String) {
+    let pg = tokio::task::spawn_blocking(PgCluster::start)
+        .await
+        .expect("start a PostgreSQL cluster");
+    let url = tokio::task::block_in_place(|| pg.create_database());
+    (pg, url)
+}
+
+/// A [`PostgresFederation`] of `sites`, none of them started.
+pub async fn postgres_federation(sites: &[&str]) -> PostgresFederation {
+    let (pg, url) = postgres_database().await;
+    let fed = tokio::task::block_in_place(|| Federation::init_with(sites, &["--postgres", &url]));
+    for site in sites {
+        let path = fed.config_path(site);
+        let text = std::fs::read_to_string(&path).expect("read the site's config");
+        assert!(
+            text.contains(r#"backend = "postgres""#),
+            "init --postgres wrote no PostgreSQL store section into {}:\n{text}",
+            path.display()
+        );
+    }
+    PostgresFederation { fed, url, pg }
 }
 
 /// One `sitegate serve` process. Dropping the handle kills the process; when the test is
@@ -235,6 +355,11 @@ impl Reply {
         self.headers
             .get(name)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    /// The error envelope's `msg` (empty when there is none).
+    pub fn msg(&self) -> String {
+        self.body["msg"].as_str().unwrap_or_default().to_owned()
     }
 
     /// The `operationID` response header, which every response must carry.
@@ -344,6 +469,17 @@ impl Site {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// Waits until `/readyz` answers 200 (its store is reachable), panicking after `deadline`.
+    pub async fn wait_ready(&self, deadline: Duration) {
+        wait_for(&format!("{} /readyz 200", self.name), deadline, || async {
+            match self.client.get(self.url("/readyz")).send().await {
+                Ok(r) if r.status().as_u16() == 200 => Some(()),
+                _ => None,
+            }
+        })
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -467,6 +603,53 @@ impl Site {
         assert_eq!(r.status, 201, "create task failed: {r:?}");
         r.body
     }
+
+    /// `GET /tasks/{id}` as `token`, which must answer 200: the task as it is now.
+    pub async fn task(&self, id: &str, token: &str) -> Value {
+        let r = self.get(&format!("/tasks/{id}"), Some(token)).await;
+        r.expect(200, None).clone()
+    }
+
+    /// `POST /sessions/extend` of the session `token` to `peer` with a multisite request.
+    pub async fn extend_multisite(&self, token: &str, peer: &str) -> Reply {
+        self.post(
+            "/sessions/extend",
+            Some(token),
+            &json!({"type": "multisite", "site": peer}),
+        )
+        .await
+    }
+
+    /// `/metrics`, which must answer 200 with non-empty, valid Prometheus text.
+    pub async fn scrape(&self) -> Vec<Sample> {
+        let reply = self.get("/metrics", None).await;
+        assert_eq!(reply.status, 200, "{}: /metrics: {reply:?}", self.name);
+        let content_type = reply.header("content-type").unwrap_or_default();
+        assert!(
+            content_type.starts_with("text/plain"),
+            "{}: /metrics content type {content_type}",
+            self.name
+        );
+        let samples = prometheus::parse(&reply.text);
+        assert!(!samples.is_empty(), "{}: empty /metrics", self.name);
+        samples
+    }
+
+    /// The sum of the `/metrics` samples named `name` whose labels include all of `labels`;
+    /// `None` when there is none.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        prometheus::metric(&self.scrape().await, name, labels)
+    }
+}
+
+/// Creates tasks at `site` as its writer `svc`; returns them in the order given.
+pub async fn create_tasks(site: &Site, bodies: &[Value]) -> Vec<Value> {
+    let svc = site.login("svc").await;
+    let mut tasks = Vec::new();
+    for body in bodies {
+        tasks.push(site.create_task(&svc, body).await);
+    }
+    tasks
 }
 
 /// Sends a request and reads the whole answer.
@@ -643,11 +826,80 @@ pub fn id_of(task: &Value) -> String {
         .to_owned()
 }
 
+/// The IDs of a `GET /tasks` answer's items.
+pub fn item_ids(body: &Value) -> Vec<String> {
+    body["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no items in {body}"))
+        .iter()
+        .map(id_of)
+        .collect()
+}
+
+/// The site names of a session-details body's `authenticatedSites`.
+pub fn authenticated_sites(details: &Value) -> Vec<String> {
+    details["authenticatedSites"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no authenticatedSites in {details}"))
+        .iter()
+        .map(|s| s["site"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Whether `s` is a UUID in its hyphenated form, as task and operation IDs are generated.
+pub fn is_uuid(s: &str) -> bool {
+    s.len() == 36 && uuid::Uuid::try_parse(s).is_ok()
+}
+
 /// An `i64` field of a JSON object.
 pub fn int(v: &Value, field: &str) -> i64 {
     v[field]
         .as_i64()
         .unwrap_or_else(|| panic!("field {field} is not an integer in {v}"))
+}
+
+/// The JSON lines of a log (`Site::stderr` with `log.format = "json"`); lines that are not a
+/// JSON object are left out.
+pub fn json_lines(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(Value::is_object)
+        .collect()
+}
+
+/// A field of a JSON log line, as text: at the top level, or in its `span` object, `spans`
+/// list or `fields` object (the places `tracing-subscriber`'s JSON formats put fields).
+pub fn log_field(line: &Value, key: &str) -> Option<String> {
+    let as_text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    };
+    line.get(key)
+        .and_then(as_text)
+        .or_else(|| line.get("span").and_then(|s| s.get(key)).and_then(as_text))
+        .or_else(|| {
+            line.get("spans")
+                .and_then(Value::as_array)
+                .and_then(|spans| spans.iter().find_map(|s| s.get(key).and_then(as_text)))
+        })
+        .or_else(|| {
+            line.get("fields")
+                .and_then(|f| f.get(key))
+                .and_then(as_text)
+        })
+}
+
+/// An HTTP client that connects from `local` (any 127.0.0.0/8 address is the loopback
+/// device), so a site sees requests from distinct client addresses.
+pub fn client_from(local: &str) -> reqwest::Client {
+    let ip: std::net::IpAddr = local.parse().expect("a loopback address");
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("reqwest client")
 }
 
 /// HAProxy, for tests of what sits behind a load balancer: `SITEGATE_HAPROXY`, else Debian's
@@ -663,4 +915,74 @@ pub fn haproxy_binary() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Starts HAProxy in the foreground (`haproxy -f <dir>/haproxy.cfg -db`) with `config`, once
+/// `haproxy -c` has accepted it. It is not waited for: the caller knows what "up" means for
+/// its configuration.
+pub fn start_haproxy(dir: &Path, config: &str) -> Proc {
+    let binary = haproxy_binary();
+    let cfg_path = dir.join("haproxy.cfg");
+    std::fs::write(&cfg_path, config).expect("write haproxy.cfg");
+    let mut check = Command::new(&binary);
+    check.arg("-c").arg("-f").arg(&cfg_path);
+    let out = run_with_deadline(check, COMMAND_DEADLINE);
+    assert!(
+        out.status.success(),
+        "haproxy -c refused the config: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = Command::new(&binary);
+    cmd.arg("-f").arg(&cfg_path).arg("-db");
+    Proc::spawn(cmd, dir, "haproxy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_binary_is_looked_for_beside_deps() {
+        let exe = std::env::consts::EXE_SUFFIX;
+        assert_eq!(
+            bin_beside(Path::new("/t/debug/deps/cli-0123abcd")),
+            PathBuf::from(format!("/t/debug/sitegate{exe}"))
+        );
+        assert_eq!(
+            bin_beside(Path::new("/t/x86_64-unknown-linux-gnu/release/deps/cli-1")),
+            PathBuf::from(format!("/t/x86_64-unknown-linux-gnu/release/sitegate{exe}"))
+        );
+        assert_eq!(
+            bin_beside(Path::new("/opt/tests/cli")),
+            PathBuf::from(format!("/opt/tests/sitegate{exe}"))
+        );
+    }
+
+    #[test]
+    fn env_vars_and_uuids() {
+        assert_eq!(
+            env_vars(&[("A", "1"), ("B", "2")]),
+            [
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "2".to_owned())
+            ]
+        );
+        assert!(is_uuid("6f1c0e7e-8a43-4d6b-9d0f-3c2b1a0e9f11"));
+        assert!(!is_uuid("6f1c0e7e8a434d6b9d0f3c2b1a0e9f11"));
+    }
+
+    #[test]
+    fn log_fields_are_found_where_the_json_formats_put_them() {
+        let lines = json_lines(
+            "not json\n42\n{\"a\":\"1\",\"span\":{\"b\":2},\"spans\":[{\"c\":\"3\"}],\"fields\":{\"d\":true}}\n",
+        );
+        assert_eq!(lines.len(), 1);
+        let line = &lines[0];
+        assert_eq!(log_field(line, "a").as_deref(), Some("1"));
+        assert_eq!(log_field(line, "b").as_deref(), Some("2"));
+        assert_eq!(log_field(line, "c").as_deref(), Some("3"));
+        assert_eq!(log_field(line, "d").as_deref(), Some("true"));
+        assert_eq!(log_field(line, "e"), None);
+    }
 }

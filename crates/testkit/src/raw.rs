@@ -1,8 +1,10 @@
 //! HTTP/1.1 over a plain socket, byte for byte: for tests that must send exactly what a
 //! particular client sends (header names in its case and order, its query encoding, its
 //! `Expect: 100-continue`) and see exactly what comes back (header names as spelled on the
-//! wire, interim answers).
+//! wire, interim answers), and bytes that are not HTTP at all (a TLS ClientHello, a request
+//! in clear text to a TLS listener) with whatever comes back.
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -204,4 +206,28 @@ pub fn request(
         out.extend_from_slice(b"\r\n");
     }
     out
+}
+
+/// A plain HTTP/1.1 request for `/healthz` that asks the server to close the connection.
+pub const PLAIN_HTTP_REQUEST: &[u8] =
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+
+/// Sends `bytes` to 127.0.0.1:`port` and returns what came back before the connection closed
+/// (or 5 s passed without a byte). Blocking: call it from `spawn_blocking`.
+pub fn exchange_until_close(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set a read timeout");
+    stream.write_all(bytes).expect("send the bytes");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    answer
 }
