@@ -116,10 +116,12 @@ pub(crate) async fn operation_id(
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let route = req
+    // The router's pattern (an `Arc<str>` inside): cloned, not copied.
+    let matched = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .cloned();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
     let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let from_peer = req
         .extensions()
@@ -127,7 +129,7 @@ pub(crate) async fn operation_id(
         .map(|p| p.0.to_string())
         .unwrap_or_default();
     // Probes and scrapes arrive every few hundred milliseconds from every balancer.
-    let quiet = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    let quiet = matches!(route, "/healthz" | "/readyz" | "/metrics");
     let span = crate::telemetry::request_span(
         req.headers(),
         &op,
@@ -157,14 +159,7 @@ pub(crate) async fn operation_id(
     let elapsed = started.elapsed();
     let target_site: &str = target_site.as_deref().unwrap_or_default();
     span.record("http.response.status_code", status);
-    let labels = [
-        ("route", route),
-        ("method", method_label(&method).to_owned()),
-        ("status", status.to_string()),
-        ("target_site", target_site.to_owned()),
-    ];
-    metrics::counter!("sitegate_requests_total", &labels).increment(1);
-    metrics::histogram!("sitegate_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    request_series(route, method_label(&method), status, target_site).record(elapsed.as_secs_f64());
     span.in_scope(|| {
         macro_rules! access_log_at {
             ($level:expr) => {
@@ -173,7 +168,7 @@ pub(crate) async fn operation_id(
                     $level,
                     status,
                     latency_ms = elapsed.as_secs_f64() * 1000.0,
-                    client = client.map(|c| c.to_string()).unwrap_or_default(),
+                    client = tracing::field::display(ShownAddr(client)),
                     target_site,
                     "{method} {path}",
                 )
@@ -186,6 +181,67 @@ pub(crate) async fn operation_id(
         }
     });
     response
+}
+
+/// A client address as the access log shows it; empty when unknown.
+struct ShownAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for ShownAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One label set's request metrics (`sitegate_requests_total` and
+/// `sitegate_request_duration_seconds`).
+#[derive(Clone)]
+struct RequestSeries {
+    count: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl RequestSeries {
+    fn record(&self, seconds: f64) {
+        self.count.increment(1);
+        self.duration.record(seconds);
+    }
+}
+
+/// The series of each label set seen, registered once. Building the label set per request
+/// (four owned strings, the recorder's key and its lookup) was a measurable part of a
+/// request's CPU; here a request writes the labels into a reused buffer and looks them up.
+/// Bounded like the labels themselves: routes from the router, a fixed set of methods, the
+/// statuses this site answers with, and its configured sites.
+fn request_series(route: &str, method: &'static str, status: u16, target: &str) -> RequestSeries {
+    use std::fmt::Write as _;
+    static SERIES: std::sync::OnceLock<dashmap::DashMap<Box<str>, RequestSeries>> =
+        std::sync::OnceLock::new();
+    thread_local! {
+        static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    let series = SERIES.get_or_init(dashmap::DashMap::new);
+    KEY.with_borrow_mut(|key| {
+        key.clear();
+        let _ = write!(key, "{route}\u{0}{method}\u{0}{status}\u{0}{target}");
+        if let Some(found) = series.get(key.as_str()) {
+            return found.clone();
+        }
+        let labels = [
+            ("route", route.to_owned()),
+            ("method", method.to_owned()),
+            ("status", status.to_string()),
+            ("target_site", target.to_owned()),
+        ];
+        let made = RequestSeries {
+            count: metrics::counter!("sitegate_requests_total", &labels),
+            duration: metrics::histogram!("sitegate_request_duration_seconds", &labels),
+        };
+        series.insert(key.as_str().into(), made.clone());
+        made
+    })
 }
 
 /// The `method` label of the request metrics: the methods HTTP defines, and `other` for any

@@ -14,7 +14,7 @@ use axum::Router;
 use serde_json::{json, Value};
 use sitegate_model::config::{
     AuthConfig, LimitsConfig, ListenConfig, LogConfig, PeerConfig, PeeringConfig, SiteConfig,
-    SiteSection, StoreConfig, TelemetryConfig, TlsConfig,
+    SiteSection, StoreConfig, TelemetryConfig,
 };
 use sitegate_model::session::{Role, UserEntry, UsersFile};
 use sitegate_model::site::SiteName;

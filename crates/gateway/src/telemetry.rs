@@ -412,29 +412,143 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RequestIdsLayer {
 
 /// One JSON object per line: time, level, target, message and fields, and the request's IDs
 /// at the top level so `grep '"operation_id":"X"'` finds every line of an operation.
+///
+/// Written straight into the formatter's line buffer (which the fmt layer keeps per thread
+/// and reuses): no map, no per-field allocation. The access log writes a line per request,
+/// so this is on every request's path; building a `serde_json::Map` per line cost about a
+/// tenth of a proxied read's CPU (measured with `perf`). A field of the event wins over a
+/// span's ID of the same name, and over the fixed keys, as before.
 struct JsonLines;
 
-struct JsonFields(serde_json::Map<String, serde_json::Value>);
+/// The names of an event's fields, gathered first so that no key is written twice.
+#[derive(Default)]
+struct FieldNames {
+    names: [&'static str; 32],
+    len: usize,
+}
 
-impl Visit for JsonFields {
+impl FieldNames {
+    fn contains(&self, name: &str) -> bool {
+        self.names[..self.len].contains(&name)
+    }
+}
+
+impl Visit for FieldNames {
+    fn record_debug(&mut self, field: &Field, _value: &dyn std::fmt::Debug) {
+        if self.len < self.names.len() {
+            self.names[self.len] = field.name();
+            self.len += 1;
+        }
+    }
+}
+
+/// Writes what it is given as the inside of a JSON string: quotes, backslashes and control
+/// characters escaped.
+struct Escaped<'a, W: std::fmt::Write>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaped<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut plain = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escape = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[plain..i])?;
+            if escape.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(escape)?;
+            }
+            plain = i + 1;
+        }
+        self.0.write_str(&s[plain..])
+    }
+}
+
+/// One `"key":value` after another, commas between.
+struct JsonObject<'a, W: std::fmt::Write> {
+    out: &'a mut W,
+    empty: bool,
+    result: std::fmt::Result,
+}
+
+impl<'a, W: std::fmt::Write> JsonObject<'a, W> {
+    fn open(out: &'a mut W) -> Self {
+        let result = out.write_char('{');
+        JsonObject {
+            out,
+            empty: true,
+            result,
+        }
+    }
+
+    fn key(&mut self, key: &str) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        if !std::mem::take(&mut self.empty) {
+            self.out.write_char(',')?;
+        }
+        self.out.write_char('"')?;
+        Escaped(&mut *self.out).write_str(key)?;
+        self.out.write_str("\":")
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        use std::fmt::Write as _;
+        if self.result.is_ok() {
+            self.result = self
+                .key(key)
+                .and_then(|()| self.out.write_char('"'))
+                .and_then(|()| Escaped(&mut *self.out).write_str(value))
+                .and_then(|()| self.out.write_char('"'));
+        }
+    }
+
+    fn raw(&mut self, key: &str, value: std::fmt::Arguments<'_>) {
+        if self.result.is_ok() {
+            self.result = self.key(key).and_then(|()| self.out.write_fmt(value));
+        }
+    }
+
+    fn close(self) -> std::fmt::Result {
+        self.result.and_then(|()| self.out.write_char('}'))
+    }
+}
+
+impl<W: std::fmt::Write> Visit for JsonObject<'_, W> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.string(field.name(), value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.raw(field.name(), format_args!("{value}"));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.raw(field.name(), format_args!("{value}"));
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        if value.is_finite() {
+            self.raw(field.name(), format_args!("{value}"));
+        } else {
+            self.raw(field.name(), format_args!("null"));
+        }
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.raw(field.name(), format_args!("{value}"));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), format!("{value:?}").into());
+        use std::fmt::Write as _;
+        if self.result.is_ok() {
+            self.result = self
+                .key(field.name())
+                .and_then(|()| self.out.write_char('"'))
+                .and_then(|()| write!(Escaped(&mut *self.out), "{value:?}"))
+                .and_then(|()| self.out.write_char('"'));
+        }
     }
 }
 
@@ -449,19 +563,29 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let mut time = String::new();
-        SystemTime.format_time(&mut Writer::new(&mut time))?;
-        let mut line = serde_json::Map::new();
-        line.insert("timestamp".into(), time.into());
-        line.insert("level".into(), event.metadata().level().as_str().into());
-        line.insert("target".into(), event.metadata().target().into());
-        let mut fields = JsonFields(serde_json::Map::new());
-        event.record(&mut fields);
-        line.extend(fields.0);
+        let mut names = FieldNames::default();
+        event.record(&mut names);
+        let mut line = JsonObject::open(&mut writer);
+        if !names.contains("timestamp") {
+            if line.result.is_ok() {
+                line.result = line.key("timestamp").and_then(|()| {
+                    line.out.write_char('"')?;
+                    SystemTime.format_time(&mut Writer::new(&mut *line.out))?;
+                    line.out.write_char('"')
+                });
+            }
+        }
+        if !names.contains("level") {
+            line.string("level", event.metadata().level().as_str());
+        }
+        if !names.contains("target") {
+            line.string("target", event.metadata().target());
+        }
+        event.record(&mut line);
         if let Some(scope) = ctx.event_scope() {
-            let mut spans = Vec::new();
+            let mut innermost = None;
             for span in scope {
-                spans.push(span.name());
+                innermost.get_or_insert(span.name());
                 if let Some(ids) = span.extensions().get::<RequestIds>() {
                     for (key, value) in [
                         ("operation_id", &ids.operation_id),
@@ -471,18 +595,104 @@ where
                         ("target_site", &ids.target_site),
                         ("from_peer", &ids.from_peer),
                     ] {
-                        if !value.is_empty() {
-                            line.entry(key).or_insert_with(|| value.clone().into());
+                        if !value.is_empty() && !names.contains(key) {
+                            line.string(key, value);
                         }
                     }
                     break;
                 }
             }
-            if let Some(innermost) = spans.first() {
-                line.insert("span".into(), (*innermost).into());
+            if let (Some(name), false) = (innermost, names.contains("span")) {
+                line.string("span", name);
             }
         }
-        let text = serde_json::to_string(&line).map_err(|_| std::fmt::Error)?;
-        writeln!(writer, "{text}")
+        line.close()?;
+        writer.write_char('\n')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fmt::Write as _;
+
+    #[test]
+    fn json_strings_are_escaped_whole() {
+        let mut out = String::new();
+        Escaped(&mut out)
+            .write_str("a \"quoted\" \\ path\nnext\tline\u{1}\u{7f} é")
+            .unwrap();
+        let parsed: String = serde_json::from_str(&format!("\"{out}\"")).unwrap();
+        assert_eq!(parsed, "a \"quoted\" \\ path\nnext\tline\u{1}\u{7f} é");
+    }
+
+    /// Lines written by the subscriber as a site sets it up: valid JSON, the request's IDs at
+    /// the top level, an event's own field winning over a span's of the same name.
+    #[test]
+    fn json_lines_are_objects_with_the_request_ids() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::registry().with(RequestIdsLayer).with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || sink.clone())
+                .event_format(JsonLines),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "request",
+                operation_id = "op-\"1\"",
+                site = "site1",
+                target_site = tracing::field::Empty,
+            );
+            let _entered = span.enter();
+            span.record("target_site", "site2");
+            tracing::info!(
+                status = 200u64,
+                latency_ms = 0.25,
+                ok = true,
+                "GET {}",
+                "/tasks/x"
+            );
+            tracing::info!(target_site = "mine", n = -3i64, "own field");
+            tracing::info!(ratio = f64::NAN, "not a number");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(parsed.len(), 3, "{text}");
+        let first = &parsed[0];
+        assert_eq!(first["message"], "GET /tasks/x");
+        assert_eq!(first["status"], 200);
+        assert_eq!(first["latency_ms"], 0.25);
+        assert_eq!(first["ok"], true);
+        assert_eq!(first["level"], "INFO");
+        assert_eq!(first["operation_id"], "op-\"1\"");
+        assert_eq!(first["site"], "site1");
+        assert_eq!(first["target_site"], "site2");
+        assert_eq!(first["span"], "request");
+        assert!(first["timestamp"].as_str().is_some_and(|t| t.len() > 10));
+        assert_eq!(
+            parsed[1]["target_site"], "mine",
+            "the event's own field wins"
+        );
+        assert_eq!(parsed[1]["n"], -3);
+        assert_eq!(
+            text.lines().nth(1).unwrap().matches("target_site").count(),
+            1
+        );
+        assert_eq!(parsed[2]["ratio"], serde_json::Value::Null);
     }
 }
