@@ -566,14 +566,12 @@ where
         let mut names = FieldNames::default();
         event.record(&mut names);
         let mut line = JsonObject::open(&mut writer);
-        if !names.contains("timestamp") {
-            if line.result.is_ok() {
-                line.result = line.key("timestamp").and_then(|()| {
-                    line.out.write_char('"')?;
-                    SystemTime.format_time(&mut Writer::new(&mut *line.out))?;
-                    line.out.write_char('"')
-                });
-            }
+        if !names.contains("timestamp") && line.result.is_ok() {
+            line.result = line.key("timestamp").and_then(|()| {
+                line.out.write_char('"')?;
+                SystemTime.format_time(&mut Writer::new(&mut *line.out))?;
+                line.out.write_char('"')
+            });
         }
         if !names.contains("level") {
             line.string("level", event.metadata().level().as_str());
