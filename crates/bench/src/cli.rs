@@ -6,13 +6,15 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::scenario::Scenario;
+pub use crate::topology::UpstreamProtocol;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "sitegate-bench",
     version,
-    about = "Benchmarks a two-site sitegate federation against a bare hyper server and nginx",
+    about = "Benchmarks a two-site sitegate federation against a bare hyper server, nginx and HAProxy",
     after_help = "Build first: cargo build --release -p sitegate -p sitegate-bench\n\
+                  Needs nginx and HAProxy for the remote baselines: apt-get install -y nginx haproxy\n\
                   Scenarios: get-one, poll-100, writes, remote-get-one, remote-get-one-mixed, \
                   remote-running-1000, remote-finished-1000, get-one-large, query"
 )]
@@ -51,6 +53,15 @@ pub struct Options {
     /// Keep the temporary directory (configs, stores, logs) and print where it is.
     #[arg(long)]
     pub keep: bool,
+    /// Run the sites at this log level (`SITEGATE_LOG__LEVEL`, e.g. `warn`) instead of the
+    /// `[log] level` that `sitegate init` wrote (info, access log on); the report is then
+    /// labelled a tuned run. Without it the sites run exactly as `init` configured them.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// What HAProxy speaks to site2's peer link: `h2` (one multiplexed mTLS connection, as
+    /// site1 does) or `http1.1` (a pool of keep-alive mTLS connections, as nginx does).
+    #[arg(long, value_name = "PROTOCOL", default_value = "h2")]
+    pub haproxy_upstream: UpstreamProtocol,
     #[command(subcommand)]
     pub command: Option<Internal>,
 }
@@ -81,6 +92,9 @@ pub struct Plan {
     pub small_tasks: u64,
     pub large_tasks: u64,
     pub quick: bool,
+    /// The sites' log level when overridden (`--log-level`); `None`: as `init` wrote it.
+    pub log_level: Option<String>,
+    pub haproxy_upstream: UpstreamProtocol,
 }
 
 impl Plan {
@@ -115,6 +129,11 @@ impl Plan {
         if !(o.rate_fraction > 0.0 && o.rate_fraction <= 1.0) {
             return Err("--rate-fraction must be in (0, 1]".into());
         }
+        let log_level = match o.log_level.as_deref().map(str::trim) {
+            None => None,
+            Some("") => return Err("--log-level needs a level, e.g. warn".into()),
+            Some(level) => Some(level.to_owned()),
+        };
         let large_tasks = o.tasks.unwrap_or(if o.quick { 10_000 } else { 1_000_000 });
         let small_tasks = (large_tasks / 100).max(1_000).min(large_tasks);
         Ok(Plan {
@@ -127,10 +146,36 @@ impl Plan {
             small_tasks,
             large_tasks,
             quick: o.quick,
+            log_level,
+            haproxy_upstream: o.haproxy_upstream,
         })
     }
 
     pub fn runs(&self, s: Scenario) -> bool {
         self.scenarios.contains(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let options =
+            Options::try_parse_from(std::iter::once("sitegate-bench").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+        Plan::from_options(&options)
+    }
+
+    #[test]
+    fn the_sites_run_as_init_wrote_them_unless_a_log_level_is_given() {
+        let default = plan(&["--quick"]).expect("plan");
+        assert_eq!(default.log_level, None);
+        assert_eq!(default.haproxy_upstream, UpstreamProtocol::H2);
+        let tuned = plan(&["--log-level", "warn", "--haproxy-upstream", "http1.1"]).expect("plan");
+        assert_eq!(tuned.log_level.as_deref(), Some("warn"));
+        assert_eq!(tuned.haproxy_upstream, UpstreamProtocol::Http11);
+        assert!(plan(&["--log-level", " "]).is_err());
+        assert!(plan(&["--haproxy-upstream", "h3"]).is_err());
     }
 }

@@ -78,6 +78,7 @@ fn bench(options: &Options) -> Result<(), String> {
         .block_on(runner::run(plan, pinning, sitegate, options.keep))
         .map_err(|e| e.to_string())?;
     report.command = command_line();
+    println!("{}\n", report::table_title(&report.configuration));
     println!("{}", report::table(&report.rows));
     println!("{}", report::details(&report.rows));
     for note in &report.setup_notes {

@@ -71,17 +71,16 @@ impl Pinning {
 
     pub fn describe(&self) -> String {
         match self {
-            Pinning::Split => {
-                "servers (sites, nginx, limit server) pinned to CPU 0 with `taskset -c 0`, \
-                               the load generator to CPU 1 (`taskset -a -cp 1`)"
-                    .into()
-            }
+            Pinning::Split => "servers (sites, nginx, HAProxy, limit server) pinned to CPU 0 with \
+                 `taskset -c 0`, the load generator to CPU 1 (`taskset -a -cp 1`)"
+                .into(),
             Pinning::None(why) => format!("not pinned: {why}"),
         }
     }
 }
 
-/// The first `name` on `PATH` (or in the sbin directories, where Debian puts nginx).
+/// The first `name` on `PATH` (or in the sbin directories, where Debian puts nginx and
+/// HAProxy).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -194,7 +193,7 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-/// The direct children of a process (nginx's workers).
+/// The direct children of a process (nginx's workers; HAProxy run with `-db` has none).
 pub fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()

@@ -15,9 +15,9 @@ use crate::error::BenchError;
 use crate::load::{self, LoadResult, PooledClient, RequestTemplate, Workload};
 use crate::process::{self, Pinning, Supervised};
 use crate::report::{self, Report};
-use crate::scenario::{judge, Evidence, Row, Scenario, Verdict};
+use crate::scenario::{better_baseline, judge, shown_name, Evidence, Row, Scenario, Verdict};
 use crate::seed::{self, READER};
-use crate::topology::{self, Federation, Nginx};
+use crate::topology::{self, Federation, ProxyBaseline, ProxyKind};
 
 /// Tasks the Get One scenarios go round.
 const GET_ONE_SAMPLE: usize = 1_000;
@@ -59,7 +59,8 @@ struct Bench {
     site1: Supervised,
     site2: Supervised,
     limit: Option<Supervised>,
-    nginx: Result<Nginx, String>,
+    /// nginx and HAProxy, each running or the reason it is not.
+    proxies: Vec<(ProxyKind, Result<ProxyBaseline, String>)>,
     rows: Vec<Row>,
     notes: Vec<String>,
 }
@@ -108,13 +109,31 @@ async fn run_in(
         quick: plan.quick,
         ..Report::default()
     };
-    let base_port = topology::free_ports(6)?;
+    let base_port = topology::free_ports(7)?;
     let fed = Federation::init(&sitegate, &work.join("fed"), base_port)?;
     let mut notes = vec![format!(
         "sitegate: `{}`{}",
         report::shown_path(&sitegate),
         source_revision().map_or(String::new(), |r| format!(", built from {r}"))
     )];
+    let written = fed.written_log_config("site1")?;
+    report.configuration = topology::configuration_label(&written.level, plan.log_level.as_deref());
+    notes.push(match &plan.log_level {
+        None => format!(
+            "Sites configured as `sitegate init` wrote them, nothing overridden: `[log] level = \
+             \"{}\"`, `format = \"{}\"` (JSON lines, as standard error is a file), so every \
+             request writes an access-log line; the logs go to `site1.log` and `site2.log` in \
+             the run's work directory",
+            written.level, written.format
+        ),
+        Some(level) => format!(
+            "Tuned run: sites started with `SITEGATE_LOG__LEVEL={level}` over `init`'s \
+             `[log] level = \"{}\"` (access log {}); otherwise as `init` wrote them. Logs go to \
+             `site1.log` and `site2.log` in the run's work directory",
+            written.level,
+            topology::access_log_state(level)
+        ),
+    });
 
     // Seed both stores before the sites start: the embedded store serves one process.
     eprintln!(
@@ -149,26 +168,55 @@ async fn run_in(
         ));
     }
 
-    eprintln!("starting site2 and site1");
-    let site2 = fed.start_site(&sitegate, &pinning, "site2", 1).await?;
-    let site1 = fed.start_site(&sitegate, &pinning, "site1", 0).await?;
-    let nginx = match topology::find_nginx() {
-        Ok(path) if plan.scenarios.iter().any(|s| s.is_remote()) => {
-            if let Ok(out) = std::process::Command::new(&path).arg("-v").output() {
-                let version = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-                notes.push(format!("nginx: `{}` ({version})", path.display()));
-            }
-            let listen = SocketAddr::from(([127, 0, 0, 1], base_port + 5));
-            Nginx::start(&path, &pinning, &fed, &work, listen)
+    eprintln!(
+        "starting site2 and site1 ({}; logs in {})",
+        report.configuration,
+        fed.dir.display()
+    );
+    let log_level = plan.log_level.as_deref();
+    let site2 = fed
+        .start_site(&sitegate, &pinning, "site2", 1, log_level)
+        .await?;
+    let site1 = fed
+        .start_site(&sitegate, &pinning, "site1", 0, log_level)
+        .await?;
+    let mut proxies = Vec::new();
+    for (n, kind) in (0u16..).zip(ProxyKind::ALL) {
+        let proxy = match kind.find() {
+            Ok(path) if plan.scenarios.iter().any(|s| s.is_remote()) => {
+                let version = kind.version(&path).unwrap_or_default();
+                let upstream = match kind {
+                    ProxyKind::Nginx => "HTTP/1.1 to the peer link".to_owned(),
+                    ProxyKind::Haproxy => {
+                        format!("`alpn {}` to the peer link", plan.haproxy_upstream.alpn())
+                    }
+                };
+                notes.push(format!(
+                    "{}: `{}` ({version}), {upstream}",
+                    kind.name(),
+                    path.display()
+                ));
+                let listen = SocketAddr::from(([127, 0, 0, 1], base_port + 5 + n));
+                ProxyBaseline::start(
+                    kind,
+                    &path,
+                    &pinning,
+                    &fed,
+                    &work,
+                    listen,
+                    plan.haproxy_upstream,
+                )
                 .await
-                .map_err(|e| format!("nginx did not start: {e}"))
-        }
-        Ok(_) => Err("no remote scenario asked for".into()),
-        Err(message) => {
-            eprintln!("{message}");
-            Err(message)
-        }
-    };
+                .map_err(|e| format!("{} did not start: {e}", kind.name()))
+            }
+            Ok(_) => Err("no remote scenario asked for".into()),
+            Err(message) => {
+                eprintln!("{message}");
+                Err(message)
+            }
+        };
+        proxies.push((kind, proxy));
+    }
 
     let mut bench = Bench {
         plan,
@@ -179,7 +227,7 @@ async fn run_in(
         site1,
         site2,
         limit: None,
-        nginx,
+        proxies,
         rows: Vec::new(),
         notes,
     };
@@ -195,9 +243,22 @@ async fn run_in(
     report.load_after = process::load_average();
     bench.stop_all();
     outcome?;
+    bench.notes.push(log_volume(&bench.fed));
     report.rows = bench.rows;
     report.setup_notes = bench.notes;
     Ok(report)
+}
+
+/// How much the sites logged: with the access log on, one line per request.
+fn log_volume(fed: &Federation) -> String {
+    let sizes: Vec<String> = ["site1", "site2"]
+        .iter()
+        .map(|site| {
+            let bytes = std::fs::metadata(fed.log_file(site)).map_or(0, |m| m.len());
+            format!("{site} {}", report::mib(bytes))
+        })
+        .collect();
+    format!("The sites logged {} during the run", sizes.join(", "))
 }
 
 fn sample(ids: &[Uuid], n: usize) -> Vec<Uuid> {
@@ -265,21 +326,16 @@ impl Bench {
         w
     }
 
-    fn nginx_watch(&self) -> Vec<Watched> {
-        let mut w = Vec::new();
-        if let Ok(nginx) = &self.nginx {
-            let master = nginx.process.pid();
-            w.push(Watched {
-                name: "nginx".into(),
-                pid: master,
-            });
-            for worker in process::children(master) {
-                w.push(Watched {
-                    name: "nginx".into(),
-                    pid: worker,
-                });
-            }
-        }
+    /// A proxy baseline's processes (nginx's master and worker, HAProxy's one) and site2.
+    fn proxy_watch(&self, proxy: &ProxyBaseline) -> Vec<Watched> {
+        let mut w: Vec<Watched> = proxy
+            .pids()
+            .into_iter()
+            .map(|pid| Watched {
+                name: proxy.kind.key().into(),
+                pid,
+            })
+            .collect();
         w.push(Watched {
             name: "site2".into(),
             pid: self.site2.pid(),
@@ -289,8 +345,10 @@ impl Bench {
 
     fn stop_all(&mut self) {
         let grace = Duration::from_secs(10);
-        if let Ok(nginx) = &mut self.nginx {
-            nginx.process.stop(grace);
+        for (_, proxy) in &mut self.proxies {
+            if let Ok(proxy) = proxy {
+                proxy.process.stop(grace);
+            }
         }
         if let Some(limit) = &mut self.limit {
             limit.stop(grace);
@@ -330,8 +388,11 @@ impl Bench {
             answer.body.len(),
             answer.content_type.to_str().unwrap_or("?")
         ));
-        if let Err(why) = &self.nginx {
-            self.notes.push(format!("nginx baseline not run: {why}"));
+        for (kind, proxy) in &self.proxies {
+            if let Err(why) = proxy {
+                self.notes
+                    .push(format!("{} baseline not run: {why}", kind.name()));
+            }
         }
 
         // The limit baseline.
@@ -489,13 +550,13 @@ impl Bench {
             if !plan.runs(scenario) {
                 continue;
             }
-            let (through_site1, through_nginx) = remote(&ids);
+            let (through_site1, through_proxy) = remote(&ids);
             self.paired(
                 scenario,
                 &title,
                 connections,
                 &through_site1,
-                &through_nginx,
+                &through_proxy,
             )
             .await?;
         }
@@ -612,70 +673,80 @@ impl Bench {
         ));
         self.site1 = self
             .fed
-            .start_site(&self.sitegate, &self.pinning, "site1", 0)
+            .start_site(
+                &self.sitegate,
+                &self.pinning,
+                "site1",
+                0,
+                self.plan.log_level.as_deref(),
+            )
             .await?;
         let mut all = small_reader_tasks.to_vec();
         all.extend(seeded.reader_tasks);
         Ok(all)
     }
 
-    /// A scenario and its nginx baseline at the same connection count: both closed loops, then
-    /// both open loops at the same rate.
+    /// A scenario and its proxy baselines (nginx, HAProxy) at the same connection count: the
+    /// closed loops of all three, then their open loops at one rate, which none of them has
+    /// fallen behind at. The scenario is judged against the better proxy.
     async fn paired(
         &mut self,
         scenario: Scenario,
         title: &str,
         connections: usize,
         through_site1: &Workload,
-        through_nginx: &Workload,
+        through_proxy: &Workload,
     ) -> Result<(), BenchError> {
-        let mut base = Row::new(
-            "nginx",
-            format!(
-                "nginx baseline: {}",
-                title
-                    .trim_start_matches("remote")
-                    .trim_start_matches([',', ' '])
-            ),
-            connections,
-        );
-        if connections > topology::NGINX_UPSTREAM_KEEPALIVE {
-            base.notes.push(format!(
-                "nginx keeps at most {} idle upstream connections (`keepalive {}`), so with {} \
-                 requests in flight it keeps opening and closing mTLS connections to site2: this \
-                 baseline is bound by TLS handshakes",
-                topology::NGINX_UPSTREAM_KEEPALIVE,
-                topology::NGINX_UPSTREAM_KEEPALIVE,
-                connections
-            ));
+        let what = title
+            .trim_start_matches("remote")
+            .trim_start_matches([',', ' ']);
+        // Each proxy's row, its client and what its processes are, when it runs.
+        let mut bases = Vec::new();
+        for (kind, proxy) in &self.proxies {
+            let mut base = Row::new(
+                kind.key(),
+                format!("{} baseline: {what}", kind.name()),
+                connections,
+            );
+            if *kind == ProxyKind::Nginx && connections > topology::NGINX_UPSTREAM_KEEPALIVE {
+                base.notes.push(format!(
+                    "nginx keeps at most {} idle upstream connections (`keepalive {}`), so with \
+                     {} requests in flight it keeps opening and closing mTLS connections to \
+                     site2: this baseline is bound by TLS handshakes",
+                    topology::NGINX_UPSTREAM_KEEPALIVE,
+                    topology::NGINX_UPSTREAM_KEEPALIVE,
+                    connections
+                ));
+            }
+            let running = match proxy {
+                Ok(p) => Some((
+                    PooledClient::new(p.listen, connections)?,
+                    self.proxy_watch(p),
+                )),
+                Err(why) => {
+                    base.notes.push(why.clone());
+                    None
+                }
+            };
+            bases.push((*kind, base, running));
         }
         let mut row = Row::new(scenario.name(), title, connections);
         let site1_client = PooledClient::new(self.site1_addr(), connections)?;
-        let nginx_client = match &self.nginx {
-            Ok(n) => Some(PooledClient::new(n.listen, connections)?),
-            Err(why) => {
-                base.notes.push(why.clone());
-                None
-            }
-        };
         // A first request through each path, so a broken setup fails clearly here.
         self.probe(&site1_client, through_site1, "site1").await?;
-        if let Some(client) = &nginx_client {
-            self.probe(client, through_nginx, "nginx").await?;
+        for (kind, _, running) in &bases {
+            if let Some((client, _)) = running {
+                self.probe(client, through_proxy, kind.key()).await?;
+            }
         }
-        if let Some(client) = &nginx_client {
-            let (result, rss) = self
-                .measure(
-                    client,
-                    through_nginx,
-                    connections,
-                    None,
-                    &self.nginx_watch(),
-                    "nginx",
-                )
-                .await?;
-            base.closed = Some(result);
-            base.add_rss(&rss);
+        for (kind, base, running) in &mut bases {
+            if let Some((client, watch)) = running {
+                let (result, rss) = self
+                    .measure(client, through_proxy, connections, None, watch, kind.key())
+                    .await?;
+                base.closed = Some(result);
+                base.add_rss(&rss);
+            }
         }
         let mut crossings = LinkCrossings::default();
         let (s1, s2) = (self.site1_addr(), self.site2_addr());
@@ -694,24 +765,26 @@ impl Bench {
         let own = result.throughput();
         row.closed = Some(result);
         row.add_rss(&rss);
-        let rate = self.plan.rate_fraction
-            * base
-                .throughput()
-                .map_or(own, |theirs| theirs.min(own))
-                .max(0.1);
-        if let Some(client) = &nginx_client {
-            let (result, rss) = self
-                .measure(
-                    client,
-                    through_nginx,
-                    connections,
-                    Some(rate),
-                    &self.nginx_watch(),
-                    "nginx",
-                )
-                .await?;
-            base.open = Some(result);
-            base.add_rss(&rss);
+        let slowest = bases
+            .iter()
+            .filter_map(|(_, base, _)| base.throughput())
+            .fold(own, f64::min);
+        let rate = (self.plan.rate_fraction * slowest).max(0.1);
+        for (kind, base, running) in &mut bases {
+            if let Some((client, watch)) = running {
+                let (result, rss) = self
+                    .measure(
+                        client,
+                        through_proxy,
+                        connections,
+                        Some(rate),
+                        watch,
+                        kind.key(),
+                    )
+                    .await?;
+                base.open = Some(result);
+                base.add_rss(&rss);
+            }
         }
         let before = LinkCrossings::snapshot(s1, s2).await;
         let (result, rss) = self
@@ -744,8 +817,30 @@ impl Bench {
             ));
         }
         self.check_sites()?;
-        let base_index = self.push(base, None);
-        self.push(row, Some((scenario, Some(base_index), None)));
+        let mut indices = Vec::new();
+        for (_, base, _) in bases {
+            indices.push(self.push(base, None));
+        }
+        let better = better_baseline(&self.rows, &indices);
+        if let Some(b) = better {
+            let figures: Vec<String> = indices
+                .iter()
+                .filter_map(|&i| {
+                    let r = &self.rows[i];
+                    Some(format!(
+                        "{} {} req/s",
+                        shown_name(&r.key),
+                        report::rate(r.throughput()?)
+                    ))
+                })
+                .collect();
+            row.notes.push(format!(
+                "judged against {}, the better proxy baseline ({})",
+                shown_name(&self.rows[b].key),
+                figures.join(", ")
+            ));
+        }
+        self.push(row, Some((scenario, better, None)));
         Ok(())
     }
 
@@ -766,11 +861,13 @@ impl Bench {
                         answer.status,
                         String::from_utf8_lossy(&answer.body)
                     );
-                    if what == "nginx" {
-                        if let Ok(n) = &self.nginx {
+                    for (kind, proxy) in &self.proxies {
+                        if let (true, Ok(p)) = (kind.key() == what, proxy) {
                             message.push_str(&format!(
-                                "\nnginx error log:\n{}",
-                                n.error_log(&self.work)
+                                "\n{} log ({}):\n{}",
+                                kind.name(),
+                                p.error_log.display(),
+                                p.error_log_tail()
                             ));
                         }
                     }
