@@ -17,7 +17,7 @@ use crate::auth::{self, SessionManager, Users};
 use crate::error::{ApiError, GatewayError};
 use crate::extract::BodyLimit;
 use crate::federation::Federation;
-use crate::handlers::{diagnostics, ops, sessions, sites, tasks, AppState, Readiness};
+use crate::handlers::{diagnostics, ops, sessions, sites, tasks, AppState, Readiness, Shared};
 use crate::layers::{self, RequestContext};
 use crate::limits::HeaderLimit;
 use crate::server::{self, Transport};
@@ -225,7 +225,7 @@ impl Application {
         };
         Ok(Application {
             peer_link,
-            state: AppState {
+            state: AppState::new(Shared {
                 store,
                 sessions,
                 federation,
@@ -237,7 +237,7 @@ impl Application {
                     config.limits.max_held_total,
                     Duration::from_secs(config.limits.max_stream_secs),
                 ),
-            },
+            }),
             client_listener,
             client_tls,
             config,
