@@ -363,42 +363,12 @@ impl EmbeddedStore {
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
         written: fn(&R) -> Option<&Task>,
     ) -> Result<R, StoreError> {
-        let started = std::time::Instant::now();
-        let result = self
-            .write_inner(f, written)
-            .instrument(store_span(op))
-            .await;
-        record_latency(op, started);
-        result
-    }
-
-    async fn write_inner<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
-        written: fn(&R) -> Option<&Task>,
-    ) -> Result<R, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let tasks = self.tasks.clone();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = conn.and_then(f);
-            let keep = result.is_ok();
-            let complete: Completion_ = Box::new(move |commit| {
-                let answer = match commit {
-                    Ok(()) => {
-                        if let Some(task) = result.as_ref().ok().and_then(written) {
-                            tasks.committed(task);
-                        }
-                        result
-                    }
-                    Err(e) => Err(e),
-                };
-                // The caller may have gone away (request cancelled); the write stands anyway.
-                let _ = tx.send(answer);
-            });
-            (keep, complete)
-        });
-        self.writes.send(job).map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.write_and(op, f, move |result, tasks| {
+            if let Some(task) = written(result) {
+                tasks.committed(task);
+            }
+        })
+        .await
     }
 
     /// Runs `f` on the writer thread inside the next group commit, then, once the commit
@@ -425,6 +395,7 @@ impl EmbeddedStore {
                     }
                     Err(e) => Err(e),
                 };
+                // The caller may have gone away (request cancelled); the write stands anyway.
                 let _ = tx.send(answer);
             });
             (keep, complete)
