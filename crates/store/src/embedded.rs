@@ -326,32 +326,12 @@ impl EmbeddedStore {
         op: &'static str,
         f: impl FnOnce(&Connection) -> Result<(R, Vec<MirrorChange>), StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let started = std::time::Instant::now();
-        let (tx, rx) = oneshot::channel();
         let mirror = self.sessions.clone();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = conn.and_then(f);
-            let keep = result.is_ok();
-            let complete: Completion_ = Box::new(move |commit| {
-                let answer = match (commit, result) {
-                    (Ok(()), Ok((answer, changes))) => {
-                        apply_mirror(&mirror, changes);
-                        Ok(answer)
-                    }
-                    (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-                };
-                let _ = tx.send(answer);
-            });
-            (keep, complete)
-        });
-        let result = async {
-            self.writes.send(job).map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
-        .instrument(store_span(op))
-        .await;
-        record_latency(op, started);
-        result
+        self.write_and(op, f, move |(_, changes), _| {
+            apply_mirror(&mirror, std::mem::take(changes));
+        })
+        .await
+        .map(|(answer, _)| answer)
     }
 
     /// Runs `f` on the writer thread inside the next group commit; answers once it is durable.
@@ -364,7 +344,7 @@ impl EmbeddedStore {
         written: fn(&R) -> Option<&Task>,
     ) -> Result<R, StoreError> {
         self.write_and(op, f, move |result, tasks| {
-            if let Some(task) = written(result) {
+            if let Some(task) = written(&*result) {
                 tasks.committed(task);
             }
         })
@@ -377,7 +357,7 @@ impl EmbeddedStore {
         &self,
         op: &'static str,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
-        committed: impl FnOnce(&R, &TaskCache) + Send + 'static,
+        committed: impl FnOnce(&mut R, &TaskCache) + Send + 'static,
     ) -> Result<R, StoreError> {
         let started = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
@@ -388,7 +368,8 @@ impl EmbeddedStore {
             let complete: Completion_ = Box::new(move |commit| {
                 let answer = match commit {
                     Ok(()) => {
-                        if let Ok(r) = &result {
+                        let mut result = result;
+                        if let Ok(r) = &mut result {
                             committed(r, &tasks);
                         }
                         result
