@@ -41,15 +41,22 @@ pub(crate) async fn keep_store(store: Arc<dyn Store>, keep: Option<Duration>) {
     metrics::gauge!("sitegate_task_retention_seconds").set(keep.map_or(0.0, |k| k.as_secs_f64()));
     let mut tick = tokio::time::interval(sweep_interval(keep));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The size is shown from the start, not only once the first sweep (which may take long
+    // on a big backlog) is over.
+    record_size(store.as_ref()).await;
     loop {
         tick.tick().await;
         if let Some(keep) = keep {
             sweep(store.as_ref(), keep).await;
         }
-        match store.size_bytes().await {
-            Ok(bytes) => metrics::gauge!("sitegate_store_size_bytes").set(bytes as f64),
-            Err(e) => tracing::warn!(error = %e, "could not read the store's size"),
-        }
+        record_size(store.as_ref()).await;
+    }
+}
+
+async fn record_size(store: &dyn Store) {
+    match store.size_bytes().await {
+        Ok(bytes) => metrics::gauge!("sitegate_store_size_bytes").set(bytes as f64),
+        Err(e) => tracing::warn!(error = %e, "could not read the store's size"),
     }
 }
 
