@@ -180,11 +180,13 @@ impl PeerHandle {
             };
             self.client
                 .reads
-                .get_or_fetch(key, self.client.send(&self.peer, request, meta.deadline))
+                .get_or_fetch(key, || self.client.send(&self.peer, request, meta.deadline))
                 .await?
                 .to_response()
         } else {
-            self.client.send(&self.peer, request, meta.deadline).await?
+            // Boxed: most reads take the shared path, and would otherwise reserve room for
+            // this one too.
+            Box::pin(self.client.send(&self.peer, request, meta.deadline)).await?
         };
         if response.status.as_u16() == 401
             && peer_error_code(&response).as_deref() == Some(ErrorCode::NotAuthenticated.as_str())
