@@ -26,7 +26,7 @@ use rustls::{
     AlertDescription, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
 };
-use sitegate_model::config::TlsConfig;
+use sitegate_model::config::{PeerTransport, TlsConfig};
 use sitegate_model::site::SiteName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -49,7 +49,10 @@ pub(crate) trait HandshakeObserver: Send + Sync + std::fmt::Debug {
 #[derive(Clone)]
 struct Loaded {
     server: Arc<ServerConfig>,
+    /// Offers HTTP/2.
     client: Arc<ClientConfig>,
+    /// Offers HTTP/1.1.
+    client_http1: Arc<ClientConfig>,
     own_cert_expiry: Option<i64>,
     stamp: Vec<Option<SystemTime>>,
 }
@@ -210,12 +213,16 @@ fn build(
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| TlsError::Invalid(format!("site certificate and key: {e}")))?;
+    // The client offers only the protocol it will speak: the server picks by ALPN.
+    let mut client_http1 = client.clone();
     client.alpn_protocols = vec![b"h2".to_vec()];
+    client_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     Ok((
         Loaded {
             server: Arc::new(server),
             client: Arc::new(client),
+            client_http1: Arc::new(client_http1),
             own_cert_expiry,
             stamp,
         },
@@ -314,8 +321,13 @@ impl PeerTls {
         TlsAcceptor::from(self.current.load().server.clone())
     }
 
-    pub(crate) fn connector(&self) -> TlsConnector {
-        TlsConnector::from(self.current.load().client.clone())
+    /// A connector offering (by ALPN) the protocol `transport` speaks.
+    pub(crate) fn connector(&self, transport: PeerTransport) -> TlsConnector {
+        let loaded = self.current.load();
+        TlsConnector::from(match transport {
+            PeerTransport::Http1 => loaded.client_http1.clone(),
+            PeerTransport::Http2 => loaded.client.clone(),
+        })
     }
 
     pub(crate) fn own_certificate_expiry(&self) -> Option<i64> {

@@ -459,11 +459,10 @@ fn check_chain(chain: &Chain, task_id: &str, op: &str) {
     assert_eq!(site1_client.site, "site1");
     assert_eq!(site2_server.site, "site2");
     assert_eq!(site2_store.site, "site2");
-    assert_eq!(
-        site1_client.name,
-        format!("GET /tasks/{task_id}"),
-        "client span name"
-    );
+    // Named by the route template, like the server spans: a name per task would make the
+    // tracing backend's span-name index grow with every task.
+    assert_eq!(site1_client.name, GET_ONE_ROUTE, "client span name");
+    assert!(!site1_client.name.contains(task_id));
     for server in [site1_server, site2_server] {
         assert!(
             server.has_operation(op),

@@ -99,7 +99,7 @@ impl Federation {
         let link = match (&config.tls, config.peers.is_empty()) {
             (Some(tls), false) => {
                 let peers = Arc::new(
-                    client::PeerSet::new(&config.peers, config.peering.connections_per_peer)
+                    client::PeerSet::new(&config.peers, &config.peering)
                         .map_err(GatewayError::PeerLink)?,
                 );
                 let tls = PeerTls::load(

@@ -22,6 +22,7 @@ impl PeerClient {
         deadline: Instant,
     ) -> Result<bool, PeerError> {
         let probe = Forward {
+            route: "GET /healthz",
             method: Method::GET,
             path_and_query: "/healthz".into(),
             headers: HeaderMap::new(),
@@ -59,7 +60,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use sitegate_model::config::{PeerConfig, PeeringConfig};
+    use sitegate_model::config::{PeerConfig, PeerTransport, PeeringConfig};
     use sitegate_model::site::{CircuitState, SiteName};
 
     use super::super::client::{Forward, PeerClient, PeerSet};
@@ -68,6 +69,22 @@ mod tests {
 
     /// A client of one peer, `site2`, at a loopback port nothing listens on.
     fn client_of_an_absent_peer(dir: &std::path::Path, threshold: u32) -> Arc<PeerClient> {
+        client_of_an_absent_peer_over(dir, threshold, PeerTransport::Http2)
+    }
+
+    fn client_of_an_absent_peer_over(
+        dir: &std::path::Path,
+        threshold: u32,
+        transport: PeerTransport,
+    ) -> Arc<PeerClient> {
+        let config = PeeringConfig {
+            transport,
+            failure_threshold: threshold,
+            circuit_open_secs: 60,
+            connect_timeout_ms: 500,
+            connections_per_peer: 2,
+            ..PeeringConfig::default()
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap()
@@ -81,7 +98,7 @@ mod tests {
                     trust_multisite_admin: false,
                     description: String::new(),
                 }],
-                2,
+                &config,
             )
             .unwrap(),
         );
@@ -92,17 +109,12 @@ mod tests {
             peers.clone(),
         )
         .unwrap();
-        let config = PeeringConfig {
-            failure_threshold: threshold,
-            circuit_open_secs: 60,
-            connect_timeout_ms: 500,
-            ..PeeringConfig::default()
-        };
         Arc::new(PeerClient::new(peers, Arc::new(tls), config))
     }
 
     fn healthz() -> Forward {
         Forward {
+            route: "GET /healthz",
             method: http::Method::GET,
             path_and_query: "/healthz".into(),
             headers: http::HeaderMap::new(),

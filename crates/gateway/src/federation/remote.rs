@@ -52,6 +52,15 @@ pub(crate) enum PeerRead<'a> {
 }
 
 impl PeerRead<'_> {
+    /// The route template, which names the client span.
+    fn route(&self) -> &'static str {
+        match self {
+            PeerRead::Task { .. } => "GET /tasks/{task_id}",
+            PeerRead::List(_) => "GET /tasks",
+            PeerRead::Poll(_) => "POST /tasks/poll",
+        }
+    }
+
     fn method(&self) -> Method {
         match self {
             PeerRead::Task { .. } | PeerRead::List(_) => Method::GET,
@@ -166,6 +175,7 @@ impl PeerHandle {
         let body = read.body()?;
         let path_and_query = read.path_and_query();
         let request = Forward {
+            route: read.route(),
             method: read.method(),
             path_and_query: path_and_query.clone(),
             headers: forward_headers(meta, Some(&remote.token), body.is_some()),
@@ -249,13 +259,15 @@ impl PeerHandle {
         meta: &RequestMeta,
     ) -> Result<RemoteSession, ApiError> {
         let site = self.peer.name().to_string();
-        let (path, payload, refused) = match ask {
+        let (route, path, payload, refused) = match ask {
             SessionAsk::Credentials { user, password } => (
+                "POST /sessions",
                 "/sessions",
                 serde_json::json!({"type": "localUser", "localUser": user, "localPassword": password}),
                 "refused the credentials",
             ),
             SessionAsk::Multisite { user } => (
+                "POST /peer/sessions",
                 "/peer/sessions",
                 serde_json::to_value(MultisiteSessionRequest { user })
                     .map_err(|e| ApiError::Internal(e.to_string()))?,
@@ -264,6 +276,7 @@ impl PeerHandle {
         };
         let body = serde_json::to_vec(&payload).map_err(|e| ApiError::Internal(e.to_string()))?;
         let request = Forward {
+            route,
             method: Method::POST,
             path_and_query: path.to_owned(),
             headers: forward_headers(meta, None, true),
@@ -331,6 +344,7 @@ impl PeerHandle {
         let headers = forward_headers(meta, Some(&remote.token), false);
         tokio::spawn(async move {
             let request = Forward {
+                route: "DELETE /sessions",
                 method: Method::DELETE,
                 path_and_query: "/sessions".into(),
                 headers,
