@@ -38,6 +38,10 @@ use crate::tls::{handshake_refusal, HandshakeObserver, HandshakeRefusal, PeerTls
 
 /// The header carrying the milliseconds left before the caller's deadline.
 pub(crate) const DEADLINE_HEADER: &str = "x-sitegate-deadline-ms";
+/// How long an idle HTTP/1.1 connection is used again. A peer closes a connection idle for
+/// its `limits.header_read_timeout_secs` (10 by default); a request sent just as it does
+/// would fail, so connections are let go well before.
+const IDLE_KEEP: Duration = Duration::from_secs(4);
 /// The largest answer accepted from a peer.
 const MAX_PEER_BODY: usize = 32 * 1024 * 1024;
 
@@ -123,8 +127,9 @@ pub(super) struct Peer {
     /// Round-robin position over `connections`: one HTTP/2 connection is served by one task
     /// at each end, so a few of them spread the work over the cores.
     next_connection: std::sync::atomic::AtomicUsize,
-    /// HTTP/1.1: open connections between requests, most recently used last.
-    idle: Mutex<Vec<Connection>>,
+    /// HTTP/1.1: open connections between requests, with when each went idle, most recently
+    /// used last.
+    idle: Mutex<Vec<(Connection, Instant)>>,
     /// HTTP/1.1: turns for requests that are not held, one per connection in use.
     turns: tokio::sync::Semaphore,
     /// HTTP/1.1: the most connections kept idle (the most turns).
@@ -219,26 +224,24 @@ impl Peer {
         open
     }
 
-    fn idle_connections(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+    fn idle_connections(&self) -> std::sync::MutexGuard<'_, Vec<(Connection, Instant)>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An idle HTTP/1.1 connection still open, if any.
+    /// An idle HTTP/1.1 connection still open and idle for less than [`IDLE_KEEP`], if any.
     fn take_idle(&self) -> Option<Connection> {
         let mut idle = self.idle_connections();
-        while let Some(connection) = idle.pop() {
-            if !connection.is_closed() {
-                return Some(connection);
-            }
-        }
-        None
+        // The oldest are at the front: past the limit, they all go.
+        let now = Instant::now();
+        idle.retain(|(c, since)| now.duration_since(*since) < IDLE_KEEP && !c.is_closed());
+        idle.pop().map(|(connection, _)| connection)
     }
 
     /// Keeps an HTTP/1.1 connection that answered in full for the next request.
     fn put_back(&self, connection: Connection) {
         let mut idle = self.idle_connections();
         if !connection.is_closed() && idle.len() < self.max_idle {
-            idle.push(connection);
+            idle.push((connection, Instant::now()));
         }
     }
 

@@ -11,8 +11,8 @@
 //! [`TargetSite`] response extension, which the handler attaches.
 //!
 //! Private parts, each with its own tests:
-//! - `client`: the peer client (HTTP/2 connections over mutual TLS, deadlines, the link's
-//!   health and metrics);
+//! - `client`: the peer client (kept-alive HTTP/1.1 or multiplexed HTTP/2 connections over
+//!   mutual TLS, deadlines, the link's health and metrics);
 //! - `breaker`: the circuit breaker's rules, as pure state;
 //! - `cache`: remote Get One answers shared between callers (final tasks kept, single flight);
 //! - `probe`: the background probe that closes a circuit as soon as the peer is back;
