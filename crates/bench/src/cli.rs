@@ -58,9 +58,10 @@ pub struct Options {
     /// labelled a tuned run. Without it the sites run exactly as `init` configured them.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
-    /// What HAProxy speaks to site2's peer link: `h2` (one multiplexed mTLS connection, as
-    /// site1 does) or `http1.1` (a pool of keep-alive mTLS connections, as nginx does).
-    #[arg(long, value_name = "PROTOCOL", default_value = "h2")]
+    /// What HAProxy speaks to site2's peer link: `http1.1` (a pool of keep-alive mTLS
+    /// connections, as site1 does by default and nginx does) or `h2` (multiplexed mTLS
+    /// connections, as site1 does with `peering.transport = "http2"`).
+    #[arg(long, value_name = "PROTOCOL", default_value = "http1.1")]
     pub haproxy_upstream: UpstreamProtocol,
     #[command(subcommand)]
     pub command: Option<Internal>,
@@ -171,10 +172,10 @@ mod tests {
     fn the_sites_run_as_init_wrote_them_unless_a_log_level_is_given() {
         let default = plan(&["--quick"]).expect("plan");
         assert_eq!(default.log_level, None);
-        assert_eq!(default.haproxy_upstream, UpstreamProtocol::H2);
-        let tuned = plan(&["--log-level", "warn", "--haproxy-upstream", "http1.1"]).expect("plan");
+        assert_eq!(default.haproxy_upstream, UpstreamProtocol::Http11);
+        let tuned = plan(&["--log-level", "warn", "--haproxy-upstream", "h2"]).expect("plan");
         assert_eq!(tuned.log_level.as_deref(), Some("warn"));
-        assert_eq!(tuned.haproxy_upstream, UpstreamProtocol::Http11);
+        assert_eq!(tuned.haproxy_upstream, UpstreamProtocol::H2);
         assert!(plan(&["--log-level", " "]).is_err());
         assert!(plan(&["--haproxy-upstream", "h3"]).is_err());
     }

@@ -282,9 +282,9 @@ and timed from its actual send, so requests of one millisecond leave together. T
 - `haproxy`: HAProxy (Debian package, `nbthread 1`) on the same hop: plain HTTP in, then
   `ssl crt` (site1's certificate and key) `ca-file` (the federation CA) `verify required
   verifyhost site2 sni str(site2)` to site2's peer link, which speaks TLS 1.3 only and offers
-  `h2` and `http/1.1` by ALPN. It speaks `alpn h2` there by default (as site1 does;
-  `--haproxy-upstream http1.1` for HTTP/1.1), keeps connections alive on both sides and shares
-  idle upstream connections between clients (`http-reuse always`); it logs abnormal requests
+  `h2` and `http/1.1` by ALPN. It speaks HTTP/1.1 there by default, as site1 does with the
+  default `peering.transport = "http1"` (`--haproxy-upstream h2` for `alpn h2`), keeps
+  connections alive on both sides and shares idle upstream connections between clients (`http-reuse always`); it logs abnormal requests
   only, as nginx logs errors only.
 - Remote reads are compared with the better of the two (the higher closed-loop req/s in that
   scenario), at the same connection count; the three open loops run at one rate, the open-loop

@@ -618,7 +618,7 @@ http {{
 }
 
 /// What HAProxy speaks to site2's peer link. The peer link offers both over TLS 1.3 by ALPN
-/// (`h2`, `http/1.1`); site1 itself always speaks HTTP/2.
+/// (`h2`, `http/1.1`); site1 speaks HTTP/1.1 unless `peering.transport = "http2"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum UpstreamProtocol {
     /// HTTP/2: streams of many client requests multiplexed on few mTLS connections.
