@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use http::{HeaderMap, StatusCode};
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, StatusCode};
 use moka::sync::Cache;
 use moka::Expiry;
 use tokio::sync::OnceCell;
@@ -37,11 +38,13 @@ pub(super) struct ReadKey {
     pub(super) remote_user: String,
 }
 
-/// A peer's answer as kept.
+/// A peer's answer as kept: what is passed back of it (status, `Content-Type`, body). The
+/// other headers are dropped: each kept answer held a whole header map, and every shared
+/// read cloned it.
 #[derive(Debug)]
 pub(super) struct SharedAnswer {
     pub(super) status: StatusCode,
-    pub(super) headers: HeaderMap,
+    content_type: Option<HeaderValue>,
     pub(super) body: Bytes,
     is_final: bool,
 }
@@ -51,16 +54,20 @@ impl SharedAnswer {
         let is_final = r.status == StatusCode::OK && task_is_final(&r.body);
         SharedAnswer {
             status: r.status,
-            headers: r.headers,
+            content_type: r.headers.get(CONTENT_TYPE).cloned(),
             body: r.body,
             is_final,
         }
     }
 
     pub(super) fn to_response(&self) -> PeerResponse {
+        let mut headers = HeaderMap::with_capacity(1);
+        if let Some(ct) = &self.content_type {
+            headers.insert(CONTENT_TYPE, ct.clone());
+        }
         PeerResponse {
             status: self.status,
-            headers: self.headers.clone(),
+            headers,
             body: self.body.clone(),
         }
     }
