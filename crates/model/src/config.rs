@@ -84,7 +84,7 @@ fn default_sampling_ratio() -> f64 {
 #[serde(rename_all = "lowercase")]
 pub enum PeerTransport {
     /// Kept-alive HTTP/1.1 connections, one request at a time each. The cheaper framing at
-    /// both ends: measured against `http2` on one core, about a quarter more forwarded reads
+    /// both ends: measured against `http2` on one core, about a third more forwarded reads
     /// per second.
     Http1,
     /// A few HTTP/2 connections multiplexing every request (`connections_per_peer`).
