@@ -71,6 +71,7 @@ async fn site(with_peer: bool) -> TestSite {
             trust_multisite: true,
             trust_multisite_admin: false,
             description: String::new(),
+            ca: None,
         };
         (
             Some(crate::test_certificates::write(dir.path(), "site1")),

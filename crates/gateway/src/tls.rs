@@ -2,15 +2,18 @@
 //! and swapped atomically when the files change, and the rules that tie a certificate to a
 //! site. This is the only module that touches rustls.
 //!
-//! A site's identity is a DNS SAN equal to its site name, issued by the federation CA. The
-//! peer listener requires a client certificate, verifies it against the CA, and accepts it only
-//! if it names a configured peer; the peer client connects with the peer's *site name* as the
-//! TLS server name, whatever host its URL points at, so a certificate for another site is
-//! refused even at the right address.
+//! A site's identity is a DNS SAN equal to its site name, issued by the federation CA or, for
+//! a peer run by another organisation, by that peer's own CA (its trust anchor, `[[peer]] ca`).
+//! The peer listener requires a client certificate, finds the configured peer it names, and
+//! accepts it only if it chains to *that* peer's anchor, so one organisation's CA cannot vouch
+//! for another's sites. The peer client connects with the peer's *site name* as the TLS server
+//! name, whatever host its URL points at, and checks the answer against the same anchor, so a
+//! certificate for another site is refused even at the right address.
 //!
 //! The client API may also serve HTTPS ([`ClientApiTls`]): an ordinary server certificate,
 //! no client certificates, TLS 1.2 and 1.3.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -45,14 +48,46 @@ pub(crate) trait HandshakeObserver: Send + Sync + std::fmt::Debug {
     fn incoming_handshake(&self, site: &SiteName, outcome: Result<(), String>);
 }
 
+/// A peer and the CA file its certificates chain to.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerAnchor {
+    pub(crate) site: SiteName,
+    /// `None`: the federation CA (`[tls] ca`).
+    pub(crate) ca: Option<PathBuf>,
+}
+
+impl PeerAnchor {
+    /// A peer whose certificates chain to the federation CA.
+    #[cfg(test)]
+    pub(crate) fn federation(site: SiteName) -> Self {
+        PeerAnchor { site, ca: None }
+    }
+}
+
+/// Client configurations for one set of trusted roots, one per protocol offered by ALPN.
+#[derive(Clone)]
+struct Clients {
+    http2: Arc<ClientConfig>,
+    http1: Arc<ClientConfig>,
+}
+
+impl Clients {
+    fn for_transport(&self, transport: PeerTransport) -> Arc<ClientConfig> {
+        match transport {
+            PeerTransport::Http1 => self.http1.clone(),
+            PeerTransport::Http2 => self.http2.clone(),
+        }
+    }
+}
+
 /// The current configurations and what they were built from.
 #[derive(Clone)]
 struct Loaded {
     server: Arc<ServerConfig>,
-    /// Offers HTTP/2.
-    client: Arc<ClientConfig>,
-    /// Offers HTTP/1.1.
-    client_http1: Arc<ClientConfig>,
+    /// For peers under the federation CA.
+    clients: Clients,
+    /// For peers with a trust anchor of their own.
+    anchored: HashMap<SiteName, Clients>,
     own_cert_expiry: Option<i64>,
     stamp: Vec<Option<SystemTime>>,
 }
@@ -61,7 +96,9 @@ struct Loaded {
 /// certificates; established ones keep theirs until they close.
 pub(crate) struct PeerTls {
     files: TlsConfig,
-    peers: Vec<SiteName>,
+    local: SiteName,
+    peers: Vec<PeerAnchor>,
+    peer_names: Vec<SiteName>,
     observer: Arc<dyn HandshakeObserver>,
     current: ArcSwap<Loaded>,
     /// Serialises reloads (SIGHUP and the file watcher may race).
@@ -100,11 +137,51 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-fn stamp(files: &TlsConfig) -> Vec<Option<SystemTime>> {
+/// The modification times of every file the configurations are built from, the peers'
+/// anchors included, so changing any of them reloads.
+fn stamp(files: &TlsConfig, peers: &[PeerAnchor]) -> Vec<Option<SystemTime>> {
     [&files.ca, &files.cert, &files.key]
-        .iter()
+        .into_iter()
+        .chain(peers.iter().filter_map(|p| p.ca.as_ref()))
         .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .collect()
+}
+
+fn roots_from(path: &Path, what: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Invalid(format!("{what} {}: {e}", path.display())))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn client_configs(
+    roots: Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<Clients, TlsError> {
+    let mut http2 = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain.to_vec(), key.clone_key())
+        .map_err(|e| TlsError::Invalid(format!("site certificate and key: {e}")))?;
+    // The client offers only the protocol it will speak: the server picks by ALPN.
+    let mut http1 = http2.clone();
+    http2.alpn_protocols = vec![b"h2".to_vec()];
+    http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Clients {
+        http2: Arc::new(http2),
+        http1: Arc::new(http1),
+    })
+}
+
+fn client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))
 }
 
 /// The site a certificate names, among `candidates` (its DNS SANs are compared, not its CN).
@@ -160,21 +237,14 @@ fn verify_own(
 fn build(
     files: &TlsConfig,
     local: &SiteName,
-    peers: &[SiteName],
+    peers: &[PeerAnchor],
     observer: Arc<dyn HandshakeObserver>,
     strict: bool,
 ) -> Result<(Loaded, Option<TlsError>), TlsError> {
-    let stamp = stamp(files);
-    let ca = read_certs(&files.ca)?;
+    let stamp = stamp(files, peers);
     let chain = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
-    let mut roots = RootCertStore::empty();
-    for cert in ca {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Invalid(format!("CA certificate: {e}")))?;
-    }
-    let roots = Arc::new(roots);
+    let roots = roots_from(&files.ca, "CA certificate")?;
     if identify(&chain[0], std::slice::from_ref(local)).is_none() {
         return Err(TlsError::Invalid(format!(
             "{} does not name this site ('{local}') as a DNS subject alternative name",
@@ -191,12 +261,27 @@ fn build(
     };
     let own_cert_expiry = not_after_millis(&chain[0]);
 
-    let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .build()
-        .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))?;
+    let federation = client_verifier(roots.clone())?;
+    let mut hints = federation.root_hint_subjects().to_vec();
+    let mut by_peer = HashMap::new();
+    let mut anchored = HashMap::new();
+    for peer in peers {
+        let Some(ca) = &peer.ca else { continue };
+        let anchor = roots_from(ca, &format!("peer '{}': trust anchor", peer.site))?;
+        let verifier = client_verifier(anchor.clone())?;
+        for subject in verifier.root_hint_subjects() {
+            if !hints.iter().any(|h| h.as_ref() == subject.as_ref()) {
+                hints.push(subject.clone());
+            }
+        }
+        by_peer.insert(peer.site.clone(), verifier);
+        anchored.insert(peer.site.clone(), client_configs(anchor, &chain, &key)?);
+    }
     let verifier = Arc::new(PeerSiteVerifier {
-        inner: webpki,
-        peers: peers.to_vec(),
+        federation,
+        by_peer,
+        hints,
+        peers: peers.iter().map(|p| p.site.clone()).collect(),
         observer,
     });
     let mut server = ServerConfig::builder_with_provider(provider())
@@ -206,23 +291,13 @@ fn build(
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| TlsError::Invalid(format!("site certificate and key: {e}")))?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-
-    let mut client = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Invalid(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| TlsError::Invalid(format!("site certificate and key: {e}")))?;
-    // The client offers only the protocol it will speak: the server picks by ALPN.
-    let mut client_http1 = client.clone();
-    client.alpn_protocols = vec![b"h2".to_vec()];
-    client_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let clients = client_configs(roots, &chain, &key)?;
 
     Ok((
         Loaded {
             server: Arc::new(server),
-            client: Arc::new(client),
-            client_http1: Arc::new(client_http1),
+            clients,
+            anchored,
             own_cert_expiry,
             stamp,
         },
@@ -234,7 +309,7 @@ impl PeerTls {
     pub(crate) fn load(
         files: TlsConfig,
         local: SiteName,
-        peers: Vec<SiteName>,
+        peers: Vec<PeerAnchor>,
         observer: Arc<dyn HandshakeObserver>,
     ) -> Result<Self, TlsError> {
         let (loaded, problem) = build(&files, &local, &peers, observer.clone(), false)?;
@@ -245,11 +320,11 @@ impl PeerTls {
                 format!("The certificate in use will be refused by peers: {e}"),
             )
         });
-        let mut all = peers;
-        all.push(local);
         Ok(PeerTls {
             files,
-            peers: all,
+            local,
+            peer_names: peers.iter().map(|p| p.site.clone()).collect(),
+            peers,
             observer,
             current: ArcSwap::from_pointee(loaded),
             reloading: Mutex::new(()),
@@ -257,22 +332,13 @@ impl PeerTls {
         })
     }
 
-    fn local(&self) -> &SiteName {
-        // `load` pushed the local name last.
-        &self.peers[self.peers.len() - 1]
-    }
-
-    fn peer_names(&self) -> &[SiteName] {
-        &self.peers[..self.peers.len() - 1]
-    }
-
     /// Re-reads the files; on failure the old configuration stays in force.
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let _guard = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let built = build(
             &self.files,
-            self.local(),
-            self.peer_names(),
+            &self.local,
+            &self.peers,
             self.observer.clone(),
             true,
         )
@@ -288,7 +354,7 @@ impl PeerTls {
                 // The stamp of the refused files is taken as seen, so the watcher does not
                 // retry (and log) every tick; a new change or SIGHUP tries again.
                 let mut seen = (**self.current.load()).clone();
-                seen.stamp = stamp(&self.files);
+                seen.stamp = stamp(&self.files, &self.peers);
                 self.current.store(Arc::new(seen));
                 *refused = Some((
                     sitegate_store::now_millis(),
@@ -311,7 +377,7 @@ impl PeerTls {
 
     /// Reloads when any of the files' modification times changed; returns whether it did.
     pub(crate) fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        if stamp(&self.files) == self.current.load().stamp {
+        if stamp(&self.files, &self.peers) == self.current.load().stamp {
             return Ok(false);
         }
         self.reload().map(|()| true)
@@ -321,13 +387,12 @@ impl PeerTls {
         TlsAcceptor::from(self.current.load().server.clone())
     }
 
-    /// A connector offering (by ALPN) the protocol `transport` speaks.
-    pub(crate) fn connector(&self, transport: PeerTransport) -> TlsConnector {
+    /// A connector to `peer` that trusts only that peer's anchor and offers (by ALPN) the
+    /// protocol `transport` speaks.
+    pub(crate) fn connector(&self, peer: &SiteName, transport: PeerTransport) -> TlsConnector {
         let loaded = self.current.load();
-        TlsConnector::from(match transport {
-            PeerTransport::Http1 => loaded.client_http1.clone(),
-            PeerTransport::Http2 => loaded.client.clone(),
-        })
+        let clients = loaded.anchored.get(peer).unwrap_or(&loaded.clients);
+        TlsConnector::from(clients.for_transport(transport))
     }
 
     pub(crate) fn own_certificate_expiry(&self) -> Option<i64> {
@@ -336,7 +401,7 @@ impl PeerTls {
 
     /// The peer a verified client certificate names.
     pub(crate) fn identify_peer(&self, cert: &CertificateDer<'_>) -> Option<SiteName> {
-        identify(cert, self.peer_names())
+        identify(cert, &self.peer_names)
     }
 }
 
@@ -439,18 +504,23 @@ impl ReloadableCertificates for ClientApiTls {
     }
 }
 
-/// Accepts a client certificate only if it chains to the federation CA *and* names a
-/// configured peer, so an unknown site is refused during the handshake.
+/// Accepts a client certificate only if it names a configured peer *and* chains to that
+/// peer's anchor (its own CA, or the federation CA), so an unknown site is refused during the
+/// handshake, and a CA trusted for one peer cannot vouch for another.
 #[derive(Debug)]
 struct PeerSiteVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    federation: Arc<dyn ClientCertVerifier>,
+    /// Peers with a trust anchor of their own.
+    by_peer: HashMap<SiteName, Arc<dyn ClientCertVerifier>>,
+    /// Every anchor's subject, so a client can pick its certificate.
+    hints: Vec<DistinguishedName>,
     peers: Vec<SiteName>,
     observer: Arc<dyn HandshakeObserver>,
 }
 
 impl ClientCertVerifier for PeerSiteVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.hints
     }
 
     fn verify_client_cert(
@@ -459,10 +529,14 @@ impl ClientCertVerifier for PeerSiteVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // `identify_peer` names the connection's origin with the same rule, so the peer whose
+        // anchor verified the certificate is the peer the requests are taken from.
         let claimed = identify(end_entity, &self.peers);
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now);
+        let anchor = claimed
+            .as_ref()
+            .and_then(|site| self.by_peer.get(site))
+            .unwrap_or(&self.federation);
+        let verified = anchor.verify_client_cert(end_entity, intermediates, now);
         match (&claimed, &verified) {
             (Some(site), Ok(_)) => self.observer.incoming_handshake(site, Ok(())),
             (Some(site), Err(e)) => self.observer.incoming_handshake(site, Err(e.to_string())),
@@ -483,7 +557,8 @@ impl ClientCertVerifier for PeerSiteVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        // Signature checks depend on the key and algorithm only, not on the anchor.
+        self.federation.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -492,11 +567,11 @@ impl ClientCertVerifier for PeerSiteVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.federation.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.federation.supported_verify_schemes()
     }
 }
 
@@ -665,6 +740,123 @@ mod tests {
                 rustls::ProtocolVersion::TLSv1_2
             ]
         );
+    }
+
+    /// Records every incoming handshake's claimed site and whether it was accepted.
+    #[derive(Debug, Default)]
+    struct Seen(Mutex<Vec<(String, bool)>>);
+
+    impl HandshakeObserver for Seen {
+        fn incoming_handshake(&self, site: &SiteName, outcome: Result<(), String>) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((site.to_string(), outcome.is_ok()));
+        }
+    }
+
+    fn site(name: &str) -> SiteName {
+        SiteName::parse(name).unwrap()
+    }
+
+    fn anchored(name: &str, ca: &TlsConfig) -> PeerAnchor {
+        PeerAnchor {
+            site: site(name),
+            ca: Some(ca.ca.clone()),
+        }
+    }
+
+    /// One handshake over an in-memory pipe: `client` connects to `server` as `peer`.
+    /// Returns the client's and the server's outcome; the server's `Ok` carries the peer it
+    /// identified. (In TLS 1.3 the client finishes before the server has checked its
+    /// certificate, so a refused client certificate shows on the server's side.)
+    async fn handshake(
+        client: &PeerTls,
+        server: &PeerTls,
+        peer: &str,
+    ) -> (Result<(), String>, Result<Option<SiteName>, String>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let connector = client.connector(&site(peer), PeerTransport::Http1);
+        let name = ServerName::try_from(peer.to_owned()).unwrap();
+        let (client_side, server_side) = tokio::join!(
+            connector.connect(name, client_io),
+            server.acceptor().accept(server_io)
+        );
+        (
+            client_side.map(|_| ()).map_err(|e| e.to_string()),
+            server_side
+                .map(|tls| {
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|cert| server.identify_peer(cert))
+                })
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    #[tokio::test]
+    async fn peers_with_their_own_cas_are_checked_against_their_own_anchor_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let org = |org: &str, names: &[&str]| {
+            let path = dir.path().join(org);
+            std::fs::create_dir_all(&path).unwrap();
+            crate::test_certificates::write_sites(&path, names)
+        };
+        // Three organisations, each with its own CA. site3's CA also issued an impostor: a
+        // certificate naming site1.
+        let org1 = org("org1", &["site1"]).remove(0);
+        let org2 = org("org2", &["site2"]).remove(0);
+        let mut org3 = org("org3", &["site3", "site1"]);
+        let impostor = org3.remove(1);
+        let org3 = org3.remove(0);
+        let seen = Arc::new(Seen::default());
+        let site2 = PeerTls::load(
+            org2.clone(),
+            site("site2"),
+            vec![anchored("site1", &org1), anchored("site3", &org3)],
+            seen.clone(),
+        )
+        .unwrap();
+        let site1 = PeerTls::load(
+            org1.clone(),
+            site("site1"),
+            vec![anchored("site2", &org2)],
+            seen.clone(),
+        )
+        .unwrap();
+
+        // Each side checks the other against the anchor recorded for it.
+        let (client, server) = handshake(&site1, &site2, "site2").await;
+        assert_eq!(client, Ok(()));
+        assert_eq!(server, Ok(Some(site("site1"))));
+
+        // site1 expecting site2 under site1's own CA refuses site2's certificate.
+        let wrong = PeerTls::load(
+            org1.clone(),
+            site("site1"),
+            vec![PeerAnchor::federation(site("site2"))],
+            seen.clone(),
+        )
+        .unwrap();
+        let (client, _) = handshake(&wrong, &site2, "site2").await;
+        assert!(client.is_err(), "{client:?}");
+
+        // A certificate naming site1 but issued by another CA is refused, although site2
+        // trusts that other CA for site3: an anchor vouches for its own peer only.
+        let forged = PeerTls::load(
+            impostor,
+            site("site1"),
+            vec![anchored("site2", &org2)],
+            seen.clone(),
+        );
+        let forged = forged.unwrap();
+        let (_, server) = handshake(&forged, &site2, "site2").await;
+        assert!(server.is_err(), "{server:?}");
+        let seen = seen.0.lock().unwrap().clone();
+        assert!(seen.contains(&("site1".to_owned(), true)), "{seen:?}");
+        assert!(seen.contains(&("site1".to_owned(), false)), "{seen:?}");
     }
 
     #[test]

@@ -661,6 +661,13 @@ pub struct PeerConfig {
     /// Free text shown by `GET /sites`. Default: empty.
     #[serde(default)]
     pub description: String,
+    /// The peer's trust anchor, when it is run by another organisation with a CA of its own:
+    /// a PEM file of the CA certificate(s) the peer's certificates chain to. Only this peer is
+    /// checked against it, in both directions: its client certificate on this site's peer
+    /// link, and its server certificate when this site connects to it. Default: the
+    /// federation CA of `[tls] ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl PeerConfig {
@@ -891,6 +898,7 @@ mod tests {
             trust_multisite: false,
             trust_multisite_admin: false,
             description: String::new(),
+            ca: None,
         };
         for (url, want) in [
             ("https://127.0.0.1:8049", Some("127.0.0.1:8049")),
@@ -947,6 +955,7 @@ mod tests {
             trust_multisite: false,
             trust_multisite_admin: false,
             description: String::new(),
+            ca: None,
         });
         assert!(c.validate().is_err(), "peers need tls");
 
@@ -957,6 +966,7 @@ mod tests {
             trust_multisite: false,
             trust_multisite_admin: false,
             description: String::new(),
+            ca: None,
         });
         assert!(c.validate().is_err(), "a peer may not share the local name");
     }

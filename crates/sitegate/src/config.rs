@@ -77,6 +77,9 @@ fn resolve_paths(config: &mut SiteConfig, base: &Path) {
         fix(&mut tls.cert);
         fix(&mut tls.key);
     }
+    for ca in config.peers.iter_mut().filter_map(|p| p.ca.as_mut()) {
+        fix(ca);
+    }
 }
 
 /// `serve` without a config: site `local` on 127.0.0.1:8046, data in `./data`, and dev users

@@ -115,6 +115,7 @@ pub fn run(args: &InitArgs) -> Result<PathBuf, String> {
                     trust_multisite: true,
                     trust_multisite_admin: false,
                     description: String::new(),
+                    ca: None,
                 });
             }
         }

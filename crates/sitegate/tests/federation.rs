@@ -3,7 +3,8 @@
 //!
 //! Covered: remote reads (Get One, Query, Poll) equal the owning site's local answers; users
 //! stay isolated across sites; the remote error codes stay distinct and a peer's own errors pass
-//! through unchanged; a site with a certificate from another CA is refused both ways; the peer
+//! through unchanged; a site with a certificate from another CA is refused both ways, and
+//! pairs once each side records the other's CA as its trust anchor (`[[peer]] ca`); the peer
 //! listener refuses clients without a federation certificate naming a configured peer (and plain
 //! HTTP); a killed peer is reported quickly and used again after its restart; certificates
 //! rotate (SIGHUP and file watcher) without a failed request; the operation ID reaches the
@@ -666,6 +667,91 @@ async fn a_site_with_a_certificate_from_another_ca_is_refused_both_ways() {
         "{entry}"
     );
     assert_eq!(entry["link"]["circuit"], json!("closed"), "{entry}");
+}
+
+/// Sites run by two organisations, each with its own CA, pair by recording each other's CA
+/// as the peer's trust anchor (`[[peer]] ca`): both directions of the link work, with no
+/// certificate from a shared CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_with_their_own_cas_pair_by_recording_each_others_anchor() {
+    let fed = Federation::init(&["site1", "site3"]);
+    // site3 moves to an organisation of its own: its CA, its certificate from that CA, and
+    // that CA as its `[tls] ca`.
+    let org3 = fed.dir.path().join("org3");
+    sitegate(
+        &fed,
+        [
+            OsStr::new("pki"),
+            OsStr::new("ca"),
+            OsStr::new("--dir"),
+            org3.as_os_str(),
+        ],
+    );
+    issue_certificate(&fed, &org3, "site3", &fed.fed_dir(), 365);
+    let org3_ca = org3.join("ca.pem");
+    let org1_ca = fed.fed_dir().join("ca.pem");
+    let edit = |site: &str, peer: &str, own_ca: Option<&Path>, peer_ca: &Path| {
+        let path = fed.config_path(site);
+        let mut text = std::fs::read_to_string(&path).expect("read the site config");
+        if let Some(own) = own_ca {
+            text = text.replace(
+                "ca = \"ca.pem\"",
+                &format!("ca = {:?}", own.display().to_string()),
+            );
+        }
+        let entry = format!("[[peer]]\nname = \"{peer}\"\n");
+        assert!(
+            text.contains(&entry),
+            "no [[peer]] {peer} in {}",
+            path.display()
+        );
+        text = text.replace(
+            &entry,
+            &format!("{entry}ca = {:?}\n", peer_ca.display().to_string()),
+        );
+        std::fs::write(&path, text).expect("write the site config");
+    };
+    edit("site1", "site3", None, &org3_ca);
+    edit("site3", "site1", Some(&org3_ca), &org1_ca);
+
+    let site1 = fed.start("site1").await;
+    let site3 = fed.start("site3").await;
+    // site3's certificate chains to the CA it names: no problem reported.
+    let admin3 = site3.login("admin").await;
+    let own = site3.get("/sites", Some(&admin3)).await;
+    assert!(
+        own.expect(200, None)[0].get("certificateError").is_none(),
+        "{own:?}"
+    );
+
+    // site1 -> site3: extend, then read site3's task; the answer is site3's own.
+    let task = create_tasks(&site3, &[new_task("alice", "sync", "vm", "vm-1", "web")]).await;
+    let id = id_of(&task[0]);
+    let alice1 = login_extended(&site1, "alice", &["site3"]).await;
+    let remote = site1
+        .get(&format!("/tasks/{id}?site=site3"), Some(&alice1))
+        .await;
+    let alice3 = site3.login("alice").await;
+    let local = site3.get(&format!("/tasks/{id}"), Some(&alice3)).await;
+    assert_eq!(remote.expect(200, None), local.expect(200, None));
+
+    // site3 -> site1: the other direction checks site1 against org1's CA.
+    let alice3 = login_extended(&site3, "alice", &["site1"]).await;
+    let task1 = create_tasks(&site1, &[new_task("alice", "sync", "vm", "vm-2", "db")]).await;
+    let id1 = id_of(&task1[0]);
+    site3
+        .get(&format!("/tasks/{id1}?site=site1"), Some(&alice3))
+        .await
+        .expect(200, None);
+
+    // Neither side reports a failing link.
+    let admin1 = site1.login("admin").await;
+    for (site, admin, peer) in [(&site1, &admin1, "site3"), (&site3, &admin3, "site1")] {
+        let entry = site_entry(site, admin, peer).await;
+        for direction in ["incomingCommError", "outgoingCommError"] {
+            assert!(entry["state"][direction].is_null(), "{direction}: {entry}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

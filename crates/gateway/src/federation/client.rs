@@ -36,7 +36,7 @@ use super::breaker::{BreakerRules, LinkHealth};
 use super::cache::RemoteReads;
 use super::error::{refused, transport_error, PeerError};
 use super::io::Heard;
-use crate::tls::{handshake_refusal, HandshakeObserver, HandshakeRefusal, PeerTls};
+use crate::tls::{handshake_refusal, HandshakeObserver, HandshakeRefusal, PeerAnchor, PeerTls};
 
 /// The header carrying the milliseconds left before the caller's deadline.
 pub(crate) const DEADLINE_HEADER: &str = "x-sitegate-deadline-ms";
@@ -340,8 +340,15 @@ impl PeerSet {
         &self.peers
     }
 
-    pub(crate) fn names(&self) -> Vec<SiteName> {
-        self.peers.iter().map(|p| p.config.name.clone()).collect()
+    /// Each peer with the CA its certificates chain to.
+    pub(crate) fn anchors(&self) -> Vec<PeerAnchor> {
+        self.peers
+            .iter()
+            .map(|p| PeerAnchor {
+                site: p.config.name.clone(),
+                ca: p.config.ca.clone(),
+            })
+            .collect()
     }
 }
 
@@ -589,7 +596,7 @@ impl PeerClient {
             let tcp = TcpStream::connect(&peer.address).await.ok()?;
             let mut tls = match self
                 .tls
-                .connector(self.config.transport)
+                .connector(peer.name(), self.config.transport)
                 .connect(peer.server_name.clone(), tcp)
                 .await
             {
@@ -750,7 +757,7 @@ impl PeerClient {
         let tls = tokio::time::timeout(
             connect_timeout,
             self.tls
-                .connector(transport)
+                .connector(peer.name(), transport)
                 .connect(peer.server_name.clone(), tcp),
         )
         .await
@@ -843,11 +850,17 @@ mod tests {
         let server_tls = PeerTls::load(
             files[1].clone(),
             site2.clone(),
-            vec![site1.clone()],
+            vec![PeerAnchor::federation(site1.clone())],
             none.clone(),
         )
         .unwrap();
-        let client_tls = PeerTls::load(files[0].clone(), site1, vec![site2], none).unwrap();
+        let client_tls = PeerTls::load(
+            files[0].clone(),
+            site1,
+            vec![PeerAnchor::federation(site2)],
+            none,
+        )
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -897,6 +910,7 @@ mod tests {
                     trust_multisite: false,
                     trust_multisite_admin: false,
                     description: String::new(),
+                    ca: None,
                 }],
                 &config,
             )

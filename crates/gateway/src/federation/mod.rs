@@ -105,7 +105,7 @@ impl Federation {
                 let tls = PeerTls::load(
                     tls.clone(),
                     config.site.name.clone(),
-                    peers.names(),
+                    peers.anchors(),
                     peers.clone(),
                 )
                 .map_err(|e| GatewayError::PeerLink(e.to_string()))?;

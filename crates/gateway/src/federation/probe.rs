@@ -97,6 +97,7 @@ mod tests {
                     trust_multisite: false,
                     trust_multisite_admin: false,
                     description: String::new(),
+                    ca: None,
                 }],
                 &config,
             )
@@ -105,7 +106,7 @@ mod tests {
         let tls = PeerTls::load(
             crate::test_certificates::write(dir, "site1"),
             SiteName::parse("site1").unwrap(),
-            peers.names(),
+            peers.anchors(),
             peers.clone(),
         )
         .unwrap();
