@@ -416,10 +416,16 @@ fn text_filter(name: &str, value: String) -> Result<String, ModelError> {
 pub const MAX_LIST_VALUES: usize = 100;
 
 /// A comma list of text values (`resourceType=replication,vmReplication`), each checked as a
-/// stored value is and kept once; empty entries are left out.
+/// stored value is and kept once; empty entries are left out. Only spaces around a value are
+/// dropped: `str::trim` would also drop a tab or a C1 control, and accept a value that the
+/// same filter refuses on its own (`resourceType=%09a` as `a`).
 fn parse_text_list(name: &str, raw: &str) -> Result<Vec<String>, ModelError> {
     let mut values: Vec<String> = Vec::new();
-    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in raw
+        .split(',')
+        .map(|p| p.trim_matches(' '))
+        .filter(|p| !p.is_empty())
+    {
         crate::task::validate_text(name, part)?;
         if !values.iter().any(|v| v == part) {
             if values.len() == MAX_LIST_VALUES {
@@ -565,6 +571,9 @@ mod tests {
             "user=bad%20name",
             "type=sync%00",
             "resourceName=a%0Ab",
+            // A control character at the edge of a list value (found by the property tests).
+            "resourceType=%09a",
+            "resourceType=a,b%C2%85",
             // Not UTF-8 once percent-decoded (found by the property tests).
             "type=%80",
             "resourceId=a%C3",
