@@ -30,7 +30,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 use sitegate_model::config::{PeerTransport, TlsConfig};
-use sitegate_model::site::SiteName;
+use sitegate_model::site::{fingerprint_sha256, AnchorSource, SiteName, TrustAnchor};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Why certificates could not be loaded.
@@ -88,6 +88,10 @@ struct Loaded {
     clients: Clients,
     /// For peers with a trust anchor of their own.
     anchored: HashMap<SiteName, Clients>,
+    /// The federation CA, as `/sites` shows it.
+    federation_anchor: TrustAnchor,
+    /// The anchors of peers with their own, as `/sites` shows them.
+    anchors: HashMap<SiteName, TrustAnchor>,
     own_cert_expiry: Option<i64>,
     stamp: Vec<Option<SystemTime>>,
 }
@@ -147,14 +151,17 @@ fn stamp(files: &TlsConfig, peers: &[PeerAnchor]) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
-fn roots_from(path: &Path, what: &str) -> Result<Arc<RootCertStore>, TlsError> {
+/// The CA certificates in `path` as roots, and the fingerprint of the first.
+fn roots_from(path: &Path, what: &str) -> Result<(Arc<RootCertStore>, String), TlsError> {
+    let certs = read_certs(path)?;
+    let fingerprint = fingerprint_sha256(certs[0].as_ref());
     let mut roots = RootCertStore::empty();
-    for cert in read_certs(path)? {
+    for cert in certs {
         roots
             .add(cert)
             .map_err(|e| TlsError::Invalid(format!("{what} {}: {e}", path.display())))?;
     }
-    Ok(Arc::new(roots))
+    Ok((Arc::new(roots), fingerprint))
 }
 
 fn client_configs(
@@ -244,7 +251,7 @@ fn build(
     let stamp = stamp(files, peers);
     let chain = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
-    let roots = roots_from(&files.ca, "CA certificate")?;
+    let (roots, federation_sha256) = roots_from(&files.ca, "CA certificate")?;
     if identify(&chain[0], std::slice::from_ref(local)).is_none() {
         return Err(TlsError::Invalid(format!(
             "{} does not name this site ('{local}') as a DNS subject alternative name",
@@ -265,9 +272,17 @@ fn build(
     let mut hints = federation.root_hint_subjects().to_vec();
     let mut by_peer = HashMap::new();
     let mut anchored = HashMap::new();
+    let mut anchors = HashMap::new();
     for peer in peers {
         let Some(ca) = &peer.ca else { continue };
-        let anchor = roots_from(ca, &format!("peer '{}': trust anchor", peer.site))?;
+        let (anchor, sha256) = roots_from(ca, &format!("peer '{}': trust anchor", peer.site))?;
+        anchors.insert(
+            peer.site.clone(),
+            TrustAnchor {
+                source: AnchorSource::Peer,
+                sha256,
+            },
+        );
         let verifier = client_verifier(anchor.clone())?;
         for subject in verifier.root_hint_subjects() {
             if !hints.iter().any(|h| h.as_ref() == subject.as_ref()) {
@@ -298,6 +313,11 @@ fn build(
             server: Arc::new(server),
             clients,
             anchored,
+            federation_anchor: TrustAnchor {
+                source: AnchorSource::Federation,
+                sha256: federation_sha256,
+            },
+            anchors,
             own_cert_expiry,
             stamp,
         },
@@ -393,6 +413,16 @@ impl PeerTls {
         let loaded = self.current.load();
         let clients = loaded.anchored.get(peer).unwrap_or(&loaded.clients);
         TlsConnector::from(clients.for_transport(transport))
+    }
+
+    /// The CA `peer`'s certificates must chain to.
+    pub(crate) fn trust_anchor(&self, peer: &SiteName) -> TrustAnchor {
+        let loaded = self.current.load();
+        loaded
+            .anchors
+            .get(peer)
+            .unwrap_or(&loaded.federation_anchor)
+            .clone()
     }
 
     pub(crate) fn own_certificate_expiry(&self) -> Option<i64> {
@@ -826,6 +856,23 @@ mod tests {
             seen.clone(),
         )
         .unwrap();
+
+        // `/sites` shows each peer's anchor as openssl would fingerprint the CA file.
+        let fingerprint = |files: &TlsConfig| {
+            let der = CertificateDer::from_pem_file(&files.ca).unwrap();
+            fingerprint_sha256(der.as_ref())
+        };
+        let anchor = site2.trust_anchor(&site("site1"));
+        assert_eq!(anchor.source, AnchorSource::Peer);
+        assert_eq!(anchor.sha256, fingerprint(&org1));
+        assert_eq!(
+            site2.trust_anchor(&site("site3")).sha256,
+            fingerprint(&org3)
+        );
+        assert_ne!(fingerprint(&org1), fingerprint(&org3));
+        let unknown = site2.trust_anchor(&site("site9"));
+        assert_eq!(unknown.source, AnchorSource::Federation);
+        assert_eq!(unknown.sha256, fingerprint(&org2));
 
         // Each side checks the other against the anchor recorded for it.
         let (client, server) = handshake(&site1, &site2, "site2").await;

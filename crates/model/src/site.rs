@@ -111,11 +111,56 @@ pub struct LinkInfo {
     pub peer_certificate_expiry: Option<i64>,
     /// Last time the peer reached this site over the peer link, epoch ms.
     pub last_incoming: Option<i64>,
+    /// The CA the peer's certificates must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_anchor: Option<TrustAnchor>,
+}
+
+/// The CA that vouches for a peer, shown so that operators can compare it with the peer's
+/// operators out of band before trusting the link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustAnchor {
+    pub source: AnchorSource,
+    /// SHA-256 of the anchor's CA certificate (the first in its file), as
+    /// `openssl x509 -noout -fingerprint -sha256` and `sitegate pki fingerprint` print it.
+    pub sha256: String,
+}
+
+/// Where a peer's trust anchor comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AnchorSource {
+    /// This site's federation CA (`[tls] ca`).
+    Federation,
+    /// A CA recorded for this peer alone (`[[peer]] ca`).
+    Peer,
+}
+
+/// The SHA-256 fingerprint of a DER certificate: upper-case hex pairs joined by colons.
+pub fn fingerprint_sha256(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_are_spelled_as_openssl_prints_them() {
+        // `printf abc > f; openssl dgst -sha256 f`, in openssl's fingerprint spelling.
+        assert_eq!(
+            fingerprint_sha256(b"abc"),
+            "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:\
+             B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD"
+                .replace(' ', "")
+        );
+    }
 
     #[test]
     fn site_names() {

@@ -133,10 +133,29 @@ enum PkiCommand {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// Print the SHA-256 fingerprint of each certificate in a PEM file, as `/sites` shows a
+    /// peer's trust anchor: check a CA received from another organisation against the
+    /// fingerprint its operators read out before naming it in `[[peer]] ca`.
+    Fingerprint { file: PathBuf },
 }
 
 fn pki(command: PkiCommand) -> Result<(), String> {
     match command {
+        PkiCommand::Fingerprint { file } => {
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(&file)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{}: no certificate in the file", file.display()));
+            }
+            for cert in certs {
+                println!(
+                    "{}",
+                    sitegate_model::site::fingerprint_sha256(cert.as_ref())
+                );
+            }
+        }
         PkiCommand::Ca { dir, name } => {
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));

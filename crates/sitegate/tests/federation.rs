@@ -744,14 +744,36 @@ async fn sites_with_their_own_cas_pair_by_recording_each_others_anchor() {
         .await
         .expect(200, None);
 
-    // Neither side reports a failing link.
+    // Neither side reports a failing link, and each shows the other's anchor as
+    // `sitegate pki fingerprint` prints the CA file it was given.
+    let fingerprint = |ca: &Path| {
+        let printed = sitegate(
+            &fed,
+            [OsStr::new("pki"), OsStr::new("fingerprint"), ca.as_os_str()],
+        );
+        printed.trim().to_owned()
+    };
     let admin1 = site1.login("admin").await;
-    for (site, admin, peer) in [(&site1, &admin1, "site3"), (&site3, &admin3, "site1")] {
+    for (site, admin, peer, ca) in [
+        (&site1, &admin1, "site3", &org3_ca),
+        (&site3, &admin3, "site1", &org1_ca),
+    ] {
         let entry = site_entry(site, admin, peer).await;
         for direction in ["incomingCommError", "outgoingCommError"] {
             assert!(entry["state"][direction].is_null(), "{direction}: {entry}");
         }
+        assert_eq!(
+            entry["link"]["trustAnchor"],
+            json!({"source": "peer", "sha256": fingerprint(ca)}),
+            "{entry}"
+        );
     }
+    assert_ne!(fingerprint(&org1_ca), fingerprint(&org3_ca));
+    assert_eq!(
+        fingerprint(&org1_ca).len(),
+        32 * 3 - 1,
+        "32 hex pairs and colons"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -280,6 +280,8 @@ impl Peer {
                 round_trip_ms: h.round_trip_ms,
                 peer_certificate_expiry: h.peer_cert_expiry,
                 last_incoming: h.last_incoming,
+                // The TLS configuration knows it; `PeerHandle::site_info` adds it.
+                trust_anchor: None,
             }),
             certificate_expiry: None,
             certificate_error: None,
@@ -384,6 +386,11 @@ pub(crate) struct PeerClient {
 }
 
 impl PeerClient {
+    /// The CA `peer`'s certificates must chain to.
+    pub(super) fn trust_anchor(&self, peer: &SiteName) -> sitegate_model::site::TrustAnchor {
+        self.tls.trust_anchor(peer)
+    }
+
     pub(crate) fn new(peers: Arc<PeerSet>, tls: Arc<PeerTls>, config: PeeringConfig) -> Self {
         let reads = RemoteReads::new(
             Duration::from_millis(config.running_task_cache_ms),

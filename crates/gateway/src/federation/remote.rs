@@ -132,7 +132,11 @@ impl PeerHandle {
 
     /// The `/sites` entry for this peer.
     pub(super) fn site_info(&self) -> sitegate_model::site::SiteInfo {
-        self.peer.site_info()
+        let mut info = self.peer.site_info();
+        if let Some(link) = info.link.as_mut() {
+            link.trust_anchor = Some(self.client.trust_anchor(self.name()));
+        }
+        info
     }
 
     /// Whether this site lets the peer assert identities (`trust_multisite`), and whether
