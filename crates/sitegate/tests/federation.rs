@@ -73,6 +73,24 @@ fn issue_certificate(fed: &Federation, ca_dir: &Path, site: &str, out_dir: &Path
     );
 }
 
+/// Makes a new CA in `<tmp>/<ca_dir>` (`sitegate pki ca`) and issues `site`'s certificate and
+/// key from it over the ones `init` wrote; returns the CA's directory.
+fn certificate_from_a_new_ca(fed: &Federation, site: &str, ca_dir: &str) -> PathBuf {
+    let dir = fed.dir.path().join(ca_dir);
+    sitegate(
+        fed,
+        [
+            OsStr::new("pki"),
+            OsStr::new("ca"),
+            OsStr::new("--dir"),
+            dir.as_os_str(),
+        ],
+    );
+    assert!(dir.join("ca.pem").is_file() && dir.join("ca.key").is_file());
+    issue_certificate(fed, &dir, site, &fed.fed_dir(), 365);
+    dir
+}
+
 /// Rewrites `site`'s config so that it trusts none of its peers for multisite sessions.
 fn distrust_all_peers(fed: &Federation, site: &str) {
     let path = fed.config_path(site);
@@ -570,19 +588,8 @@ async fn remote_errors_stay_distinct_and_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_with_a_certificate_from_another_ca_is_refused_both_ways() {
     let fed = Federation::init(&["site1", "site3"]);
-    let ca2 = fed.dir.path().join("ca2");
-    sitegate(
-        &fed,
-        [
-            OsStr::new("pki"),
-            OsStr::new("ca"),
-            OsStr::new("--dir"),
-            ca2.as_os_str(),
-        ],
-    );
-    assert!(ca2.join("ca.pem").is_file() && ca2.join("ca.key").is_file());
     // site3's certificate, key and all, now comes from CA2; it still trusts the federation CA.
-    issue_certificate(&fed, &ca2, "site3", &fed.fed_dir(), 365);
+    certificate_from_a_new_ca(&fed, "site3", "ca2");
 
     let site1 = fed.start("site1").await;
     let site3 = fed.start("site3").await;
@@ -677,17 +684,7 @@ async fn sites_with_their_own_cas_pair_by_recording_each_others_anchor() {
     let fed = Federation::init(&["site1", "site3"]);
     // site3 moves to an organisation of its own: its CA, its certificate from that CA, and
     // that CA as its `[tls] ca`.
-    let org3 = fed.dir.path().join("org3");
-    sitegate(
-        &fed,
-        [
-            OsStr::new("pki"),
-            OsStr::new("ca"),
-            OsStr::new("--dir"),
-            org3.as_os_str(),
-        ],
-    );
-    issue_certificate(&fed, &org3, "site3", &fed.fed_dir(), 365);
+    let org3 = certificate_from_a_new_ca(&fed, "site3", "org3");
     let org3_ca = org3.join("ca.pem");
     let org1_ca = fed.fed_dir().join("ca.pem");
     let edit = |site: &str, peer: &str, own_ca: Option<&Path>, peer_ca: &Path| {
