@@ -151,9 +151,10 @@ fn stamp(files: &TlsConfig, peers: &[PeerAnchor]) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
-/// The CA certificates in `path` as roots, and the fingerprint of the first.
+/// The CA certificates in `path` as roots, and the fingerprint of the first. `what` names
+/// the file in errors (a peer's anchor says which peer's).
 fn roots_from(path: &Path, what: &str) -> Result<(Arc<RootCertStore>, String), TlsError> {
-    let certs = read_certs(path)?;
+    let certs = read_certs(path).map_err(|e| TlsError::Invalid(format!("{what}: {e}")))?;
     let fingerprint = fingerprint_sha256(certs[0].as_ref());
     let mut roots = RootCertStore::empty();
     for cert in certs {
@@ -904,6 +905,29 @@ mod tests {
         let seen = seen.0.lock().unwrap().clone();
         assert!(seen.contains(&("site1".to_owned(), true)), "{seen:?}");
         assert!(seen.contains(&("site1".to_owned(), false)), "{seen:?}");
+    }
+
+    #[test]
+    fn a_missing_trust_anchor_names_its_peer_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::test_certificates::write(dir.path(), "site2");
+        let missing = dir.path().join("org1-ca.pem");
+        let err = PeerTls::load(
+            files,
+            site("site2"),
+            vec![PeerAnchor {
+                site: site("site1"),
+                ca: Some(missing),
+            }],
+            Arc::new(Seen::default()),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("peer 'site1'") && err.contains("org1-ca.pem"),
+            "{err}"
+        );
     }
 
     #[test]
