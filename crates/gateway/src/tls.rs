@@ -102,7 +102,6 @@ pub(crate) struct PeerTls {
     files: TlsConfig,
     local: SiteName,
     peers: Vec<PeerAnchor>,
-    peer_names: Vec<SiteName>,
     observer: Arc<dyn HandshakeObserver>,
     current: ArcSwap<Loaded>,
     /// Serialises reloads (SIGHUP and the file watcher may race).
@@ -193,10 +192,13 @@ fn client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVerifi
 }
 
 /// The site a certificate names, among `candidates` (its DNS SANs are compared, not its CN).
-pub(crate) fn identify(cert: &CertificateDer<'_>, candidates: &[SiteName]) -> Option<SiteName> {
+pub(crate) fn identify<'a>(
+    cert: &CertificateDer<'_>,
+    candidates: impl IntoIterator<Item = &'a SiteName>,
+) -> Option<SiteName> {
     let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
     candidates
-        .iter()
+        .into_iter()
         .find(|name| {
             ServerName::try_from(name.as_str())
                 .map(|sn| parsed.verify_is_valid_for_subject_name(&sn).is_ok())
@@ -253,7 +255,7 @@ fn build(
     let chain = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
     let (roots, federation_sha256) = roots_from(&files.ca, "CA certificate")?;
-    if identify(&chain[0], std::slice::from_ref(local)).is_none() {
+    if identify(&chain[0], [local]).is_none() {
         return Err(TlsError::Invalid(format!(
             "{} does not name this site ('{local}') as a DNS subject alternative name",
             files.cert.display()
@@ -344,7 +346,6 @@ impl PeerTls {
         Ok(PeerTls {
             files,
             local,
-            peer_names: peers.iter().map(|p| p.site.clone()).collect(),
             peers,
             observer,
             current: ArcSwap::from_pointee(loaded),
@@ -432,7 +433,7 @@ impl PeerTls {
 
     /// The peer a verified client certificate names.
     pub(crate) fn identify_peer(&self, cert: &CertificateDer<'_>) -> Option<SiteName> {
-        identify(cert, &self.peer_names)
+        identify(cert, self.peers.iter().map(|p| &p.site))
     }
 }
 

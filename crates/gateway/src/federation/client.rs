@@ -334,6 +334,20 @@ impl PeerSet {
         Ok(PeerSet { peers })
     }
 
+    /// One peer, `site2` at `url`, for tests that need a peer set and nothing more.
+    #[cfg(test)]
+    pub(super) fn site2_at(url: String, peering: &PeeringConfig) -> Self {
+        let config = PeerConfig {
+            name: SiteName::parse("site2").unwrap(),
+            url,
+            trust_multisite: false,
+            trust_multisite_admin: false,
+            description: String::new(),
+            ca: None,
+        };
+        PeerSet::new(&[config], peering).unwrap()
+    }
+
     pub(super) fn get(&self, name: &str) -> Option<&Arc<Peer>> {
         self.peers.iter().find(|p| p.config.name.as_str() == name)
     }
@@ -909,20 +923,10 @@ mod tests {
             http1_max_requests_per_peer: max_requests,
             ..PeeringConfig::default()
         };
-        let peers = Arc::new(
-            PeerSet::new(
-                &[PeerConfig {
-                    name: SiteName::parse("site2").unwrap(),
-                    url: format!("https://{}", link.address),
-                    trust_multisite: false,
-                    trust_multisite_admin: false,
-                    description: String::new(),
-                    ca: None,
-                }],
-                &config,
-            )
-            .unwrap(),
-        );
+        let peers = Arc::new(PeerSet::site2_at(
+            format!("https://{}", link.address),
+            &config,
+        ));
         let peer = peers.get("site2").unwrap().clone();
         (PeerClient::new(peers, Arc::new(tls), config), peer)
     }

@@ -60,7 +60,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use sitegate_model::config::{PeerConfig, PeerTransport, PeeringConfig};
+    use sitegate_model::config::{PeerTransport, PeeringConfig};
     use sitegate_model::site::{CircuitState, SiteName};
 
     use super::super::client::{Forward, PeerClient, PeerSet};
@@ -89,20 +89,10 @@ mod tests {
             .and_then(|l| l.local_addr())
             .unwrap()
             .port();
-        let peers = Arc::new(
-            PeerSet::new(
-                &[PeerConfig {
-                    name: SiteName::parse("site2").unwrap(),
-                    url: format!("https://127.0.0.1:{port}"),
-                    trust_multisite: false,
-                    trust_multisite_admin: false,
-                    description: String::new(),
-                    ca: None,
-                }],
-                &config,
-            )
-            .unwrap(),
-        );
+        let peers = Arc::new(PeerSet::site2_at(
+            format!("https://127.0.0.1:{port}"),
+            &config,
+        ));
         let tls = PeerTls::load(
             crate::test_certificates::write(dir, "site1"),
             SiteName::parse("site1").unwrap(),
